@@ -1,0 +1,236 @@
+"""Raw interactions → core filter → per-user chronological split → processed Parquet, and its reader.
+
+The writer (`preprocess`) and the reader (`load_splits`) live side by side so that the format has
+one owner. A processed dataset is a directory with `train/valid/test.parquet` (int32 user, item),
+`users.parquet` / `items.parquet` (new id → raw id) and `meta.json` (sizes and a fingerprint of the
+split that every downstream artifact records and checks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rcekd.io import atomic_path, read_json, write_json
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+PAIR_SCHEMA = pa.schema([("user", pa.int32()), ("item", pa.int32())])
+MAP_SCHEMA = pa.schema([("id", pa.int32()), ("raw", pa.string())])
+
+
+# ---------------------------------------------------------------- raw sources
+
+
+def read_users_dat(path: str | Path) -> pd.DataFrame:
+    """CiteULike-t `users.dat`: line u (0-based) is `<n> <item> <item> ...`; no timestamps.
+
+    Returns columns user, item (raw ids) and `order` (position in the file, the only time order).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: dataset file not found")
+    users: list[np.ndarray] = []
+    items: list[np.ndarray] = []
+    with open(path) as handle:
+        for lineno, line in enumerate(handle):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                values = np.array(fields, dtype=np.int64)
+            except ValueError:
+                raise ValueError(
+                    f"{path}, line {lineno + 1}: expected integers '<n> <item> ...', got {line.strip()[:60]!r}"
+                ) from None
+            if values[0] != len(values) - 1:
+                raise ValueError(
+                    f"{path}, line {lineno + 1}: count field says {values[0]} items but the line has {len(values) - 1}"
+                )
+            if (values[1:] < 0).any():
+                raise ValueError(f"{path}, line {lineno + 1}: negative item id")
+            users.append(np.full(len(values) - 1, lineno, dtype=np.int64))
+            items.append(values[1:])
+    if not users:
+        raise ValueError(f"{path}: no interactions found")
+    user = np.concatenate(users)
+    item = np.concatenate(items)
+    return pd.DataFrame({"user": user, "item": item, "order": np.arange(len(user), dtype=np.int64)})
+
+
+SOURCES = {"users_dat": read_users_dat}
+
+
+# ---------------------------------------------------------------- protocol
+
+
+def deduplicate(df: pd.DataFrame) -> pd.DataFrame:
+    """Keep the earliest occurrence of each (user, item) pair (time, then file order)."""
+    keys = ["time", "order"] if "time" in df else ["order"]
+    return df.sort_values(keys, kind="stable").drop_duplicates(["user", "item"], keep="first")
+
+
+def core_filter(df: pd.DataFrame, *, min_user: int, min_item: int) -> pd.DataFrame:
+    """Iteratively drop users with < min_user and items with < min_item interactions."""
+    while True:
+        user_counts = df["user"].map(df["user"].value_counts())
+        item_counts = df["item"].map(df["item"].value_counts())
+        keep = (user_counts >= min_user) & (item_counts >= min_item)
+        if keep.all():
+            return df
+        df = df[keep]
+
+
+def split_sizes(n: np.ndarray, *, train: float, valid: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user boundaries: train = first max(⌊train·n⌋, 1), valid up to ⌊(train+valid)·n⌋, test the rest."""
+    eps = 1e-9  # 0.8 + 0.1 is 0.9000000000000001 in floating point; guard ⌊·⌋ both ways
+    n_train = np.maximum(np.floor(train * n + eps), 1).astype(np.int64)
+    n_train_valid = np.maximum(np.floor((train + valid) * n + eps).astype(np.int64), n_train)
+    return n_train, n_train_valid
+
+
+def chrono_split(df: pd.DataFrame, *, train: float, valid: float) -> dict[str, pd.DataFrame]:
+    """Per-user chronological split: each user's interactions sorted by time (file order breaks ties)."""
+    keys = ["user", "time", "order"] if "time" in df else ["user", "order"]
+    df = df.sort_values(keys, kind="stable")
+    pos = df.groupby("user", sort=False).cumcount().to_numpy()
+    n = df["user"].map(df["user"].value_counts()).to_numpy()
+    n_train, n_train_valid = split_sizes(n, train=train, valid=valid)
+    return {
+        "train": df[pos < n_train],
+        "valid": df[(pos >= n_train) & (pos < n_train_valid)],
+        "test": df[pos >= n_train_valid],
+    }
+
+
+# ---------------------------------------------------------------- writer
+
+
+def preprocess(
+    raw_path: str | Path,
+    out_dir: str | Path,
+    *,
+    source: str,
+    min_user: int,
+    min_item: int,
+    train: float,
+    valid: float,
+) -> dict:
+    """Read a raw source, filter, split, re-index and write the processed directory. Returns stats."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown dataset source {source!r}; expected one of {sorted(SOURCES)}")
+    if not (0 < train < 1 and 0 <= valid < 1 and train + valid < 1):
+        raise ValueError(f"split ratios train={train}, valid={valid}: need 0 < train, 0 <= valid, train + valid < 1")
+    df = deduplicate(SOURCES[source](raw_path))
+    df = core_filter(df, min_user=min_user, min_item=min_item)
+    if df.empty:
+        raise ValueError(f"{raw_path}: no interactions left after the core filter (min_user={min_user}, min_item={min_item})")
+
+    raw_users = np.sort(df["user"].unique())
+    raw_items = np.sort(df["item"].unique())
+    df = df.assign(
+        user=np.searchsorted(raw_users, df["user"].to_numpy()).astype(np.int32),
+        item=np.searchsorted(raw_items, df["item"].to_numpy()).astype(np.int32),
+    )
+    parts = chrono_split(df, train=train, valid=valid)
+    tables = {
+        name: pa.Table.from_pandas(part[["user", "item"]], schema=PAIR_SCHEMA, preserve_index=False)
+        for name, part in parts.items()
+    }
+    stats = {
+        "users": int(len(raw_users)),
+        "items": int(len(raw_items)),
+        "interactions": int(len(df)),
+        **{name: int(len(part)) for name, part in parts.items()},
+        "density": float(len(df) / (len(raw_users) * len(raw_items))),
+    }
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "raw_file": str(raw_path),
+        "protocol": {"min_user": min_user, "min_item": min_item, "train": train, "valid": valid},
+        "n_users": stats["users"],
+        "n_items": stats["items"],
+        "fingerprint": _fingerprint({name: (t["user"].to_numpy(), t["item"].to_numpy()) for name, t in tables.items()}),
+        "stats": stats,
+    }
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        for name, table in tables.items():
+            pq.write_table(table, tmp / f"{name}.parquet")
+        for name, raw in (("users", raw_users), ("items", raw_items)):
+            ids = pa.array(np.arange(len(raw), dtype=np.int32))
+            pq.write_table(pa.table([ids, pa.array(raw.astype(str))], schema=MAP_SCHEMA), tmp / f"{name}.parquet")
+        write_json(tmp / "meta.json", meta)
+    return stats
+
+
+def _fingerprint(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    digest = hashlib.sha256()
+    for name in SPLITS:
+        user, item = splits[name]
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(user, dtype=np.int32).tobytes())
+        digest.update(np.ascontiguousarray(item, dtype=np.int32).tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- reader
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A processed dataset in memory: (user, item) int64 pairs per split."""
+
+    n_users: int
+    n_items: int
+    train: np.ndarray  # [n_train, 2]
+    valid: np.ndarray  # [n_valid, 2]
+    test: np.ndarray  # [n_test, 2]
+    fingerprint: str
+    name: str
+
+    def pairs(self, split: str) -> np.ndarray:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return getattr(self, split)
+
+
+def load_splits(processed_dir: str | Path) -> Splits:
+    """Read and validate a processed dataset directory written by `preprocess`."""
+    processed_dir = Path(processed_dir)
+    meta_path = processed_dir / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{processed_dir}: not a processed dataset (no meta.json); run the preprocess stage")
+    meta = read_json(meta_path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    arrays = {}
+    for name in SPLITS:
+        path = processed_dir / f"{name}.parquet"
+        table = pq.read_table(path)
+        if table.schema != PAIR_SCHEMA:
+            raise ValueError(f"{path}: schema {table.schema} differs from the expected {PAIR_SCHEMA}")
+        arrays[name] = np.stack([table["user"].to_numpy(), table["item"].to_numpy()], axis=1).astype(np.int64)
+    fingerprint = _fingerprint({k: (v[:, 0], v[:, 1]) for k, v in arrays.items()})
+    if fingerprint != meta["fingerprint"]:
+        raise ValueError(
+            f"{processed_dir}: split files do not match meta.json (fingerprint {fingerprint} vs {meta['fingerprint']})"
+        )
+    for name, pairs in arrays.items():
+        if len(pairs) and (pairs[:, 0].max() >= meta["n_users"] or pairs[:, 1].max() >= meta["n_items"]):
+            raise ValueError(f"{processed_dir}/{name}.parquet: ids exceed n_users/n_items in meta.json")
+    return Splits(
+        n_users=int(meta["n_users"]),
+        n_items=int(meta["n_items"]),
+        fingerprint=meta["fingerprint"],
+        name=processed_dir.name,
+        **arrays,
+    )

@@ -1,0 +1,19 @@
+"""Distillation methods: one module each, one registry line each.
+
+A method is built from a KDContext plus its own keyword parameters (params.yaml kd.<name>), and
+gives the training loop two things: `prepare_epoch(student, generator)` (per-epoch sampling, returns
+stats to log) and `loss(users, user_vecs, item_table)` whose "kd" entry is a per-user loss [B].
+`none` is the student trained alone: no method object at all.
+"""
+
+from rcekd.kd.ce import VanillaCE
+from rcekd.kd.common import KDContext
+from rcekd.kd.rcekd import RCEKD
+
+METHODS = {
+    "none": None,
+    "ce": VanillaCE,
+    "rcekd": RCEKD,
+}
+
+__all__ = ["METHODS", "KDContext"]

@@ -1,0 +1,192 @@
+"""The one training loop: teacher and every student, with or without a distillation method.
+
+Loss per step: L = L_base + λ · L_KD, with L_base the backbone's BPR loss averaged over the batch's
+training pairs and L_KD the method's loss over the batch's unique users. Validation NDCG@20 after
+every epoch selects the best epoch (strict improvement, patience counted in evaluations).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rcekd.data import Splits
+from rcekd.evaluate import full_ranking
+from rcekd.io import atomic_path
+from rcekd.sparse import UserItems
+
+
+class KDMethod(Protocol):
+    """What the loop needs from a distillation method (see rcekd/kd)."""
+
+    def prepare_epoch(self, student: nn.Module, generator: torch.Generator) -> dict[str, float]: ...
+
+    def loss(
+        self, users: torch.Tensor, user_vecs: torch.Tensor, item_table: torch.Tensor
+    ) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass
+class FitResult:
+    best_state: dict
+    best_epoch: int
+    best_valid: dict[str, float]
+    epochs_run: int
+    history: list[dict] = field(default_factory=list)
+
+
+def sample_negatives(users: torch.Tensor, known: UserItems, generator: torch.Generator) -> torch.Tensor:
+    """One uniform item per user that is not among the user's known items (vectorised rejection)."""
+    negatives = torch.randint(known.n_items, users.shape, generator=generator, device=users.device)
+    bad = known.contains(users, negatives)
+    while bad.any():
+        negatives[bad] = torch.randint(known.n_items, (int(bad.sum()),), generator=generator, device=users.device)
+        bad[bad.clone()] = known.contains(users[bad], negatives[bad])
+    return negatives
+
+
+def bpr_loss(
+    user_vecs: torch.Tensor, pos_vecs: torch.Tensor, neg_vecs: torch.Tensor, *, weight_decay: float
+) -> torch.Tensor:
+    """Mean over batch rows of −log σ(s(u,i⁺) − s(u,i⁻)) + weight_decay/2 · (‖e_u‖² + ‖e_i⁺‖² + ‖e_i⁻‖²).
+
+    The L2 penalty acts on the rows a batch uses (the usual BPR practice). Adam's own coupled
+    weight decay would shrink every row absent from a batch at full learning-rate speed.
+    """
+    ranking = -F.logsigmoid((user_vecs * (pos_vecs - neg_vecs)).sum(-1))
+    l2 = user_vecs.square().sum(-1) + pos_vecs.square().sum(-1) + neg_vecs.square().sum(-1)
+    return (ranking + 0.5 * weight_decay * l2).mean()
+
+
+def fit(
+    model: nn.Module,
+    splits: Splits,
+    *,
+    kd: KDMethod | None = None,
+    kd_weight: float = 0.0,
+    kd_reduction: str = "users",
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    max_epochs: int,
+    patience: int,
+    seed: int,
+    device: torch.device,
+    eval_chunk: int = 1024,
+    history_path: str | Path | None = None,
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
+) -> FitResult:
+    if kd_reduction not in ("users", "rows"):
+        raise ValueError(f"kd_reduction = {kd_reduction!r}: expected 'users' or 'rows'")
+    torch.manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    model.to(device).train()
+    train_items = UserItems(splits.train, splits.n_users, splits.n_items, device)
+    valid_items = UserItems(splits.valid, splits.n_users, splits.n_items, device)
+    pairs = torch.from_numpy(splits.train).to(device)  # [P, 2]
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
+
+    best = FitResult(best_state=copy.deepcopy(model.state_dict()), best_epoch=0, best_valid={}, epochs_run=0)
+    best_ndcg, since_best = -1.0, 0
+    for epoch in range(1, max_epochs + 1):
+        started = time.perf_counter()
+        prep = kd.prepare_epoch(model, generator) if kd is not None else {}
+        prep_seconds = time.perf_counter() - started
+
+        order = torch.randperm(len(pairs), generator=generator, device=device)
+        negatives = sample_negatives(pairs[order, 0], train_items, generator)
+        sums: dict[str, float] = {}
+        n_batches = 0
+        for lo in range(0, len(pairs), batch_size):
+            users, pos = pairs[order[lo : lo + batch_size]].T
+            neg = negatives[lo : lo + batch_size]
+            batch_users, rows = users.unique(return_inverse=True)
+            user_vecs, item_table = model.encode(batch_users)
+            parts = {"base": bpr_loss(user_vecs[rows], item_table[pos], item_table[neg], weight_decay=weight_decay)}
+            loss = parts["base"]
+            if kd is not None:
+                kd_parts = kd.loss(batch_users, user_vecs, item_table)
+                per_user = kd_parts["kd"]  # [U_b]
+                if kd_reduction == "rows":  # each user weighs by its rows in the batch (the authors' code)
+                    per_user = per_user * torch.bincount(rows, minlength=len(batch_users)) * (len(batch_users) / len(rows))
+                kd_parts["kd"] = per_user.mean()
+                loss = loss + kd_weight * kd_parts["kd"]
+                parts.update(kd_parts)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch}: non-finite loss ({ {k: float(v) for k, v in parts.items()} })")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            parts["loss"] = loss
+            for name, value in parts.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            n_batches += 1
+        train_seconds = time.perf_counter() - started
+
+        valid = full_ranking(model, valid_items, exclude=[train_items], chunk=eval_chunk, device=device)
+        row = {
+            "epoch": epoch,
+            **{name: total / n_batches for name, total in sums.items()},
+            **{k: float(v) for k, v in prep.items()},
+            "valid_recall@20": valid["recall@20"],
+            "valid_ndcg@20": valid["ndcg@20"],
+            "prep_seconds": prep_seconds,
+            "train_seconds": train_seconds,
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        best.history.append(row)
+        improved = valid["ndcg@20"] > best_ndcg
+        if improved:
+            best_ndcg, since_best = valid["ndcg@20"], 0
+            best.best_state = copy.deepcopy(model.state_dict())
+            best.best_epoch, best.best_valid = epoch, valid
+        else:
+            since_best += 1
+        best.epochs_run = epoch
+        log(
+            f"epoch {epoch:4d}  loss {row['loss']:.4f}"
+            + "".join(f"  {k} {row[k]:.4f}" for k in sums if k not in ("loss",))
+            + f"  valid ndcg@20 {valid['ndcg@20']:.4f}{' *' if improved else '  '}"
+            + f"  best {best_ndcg:.4f}@{best.best_epoch}  {row['epoch_seconds']:.1f}s"
+        )
+        if history_path is not None and epoch % 10 == 0:
+            write_history(history_path, best.history)
+        if since_best >= patience:
+            log(f"early stop: no validation NDCG@20 improvement for {patience} epochs")
+            break
+    if history_path is not None:
+        write_history(history_path, best.history)
+    return best
+
+
+def write_history(path: str | Path, rows: list[dict]) -> None:
+    """Per-epoch history as CSV (one column per loss part and metric) for `dvc plots`."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)

@@ -1,0 +1,45 @@
+"""Stage 3: write the teacher's scores once (memmap + top-K Parquet + validated metadata)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from rcekd.cache import write_cache
+from rcekd.checkpoint import load_checkpoint
+from rcekd.data import load_splits
+from rcekd.io import file_sha256
+from rcekd.train import resolve_device
+from stages.common import log, progress
+from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
+
+
+def main(
+    data: Path = typer.Option(..., help="Processed dataset directory (from preprocess)."),
+    checkpoint: Path = typer.Option(..., help="Teacher checkpoint (from train_teacher)."),
+    out: Path = typer.Option(..., help="Output cache directory."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Score all users × items with the teacher, chunk by chunk (params: device, cache)."""
+    try:
+        all_params = load_params(params)
+        topk = section(all_params, "cache.topk", params)
+        chunk = section(all_params, "cache.chunk", params)
+        for key, value in (("topk", topk), ("chunk", chunk)):
+            if not isinstance(value, int) or value < 1:
+                raise ParamsError(f"{params}: cache.{key} = {value!r}; expected an integer >= 1")
+        device = resolve_device(section(all_params, "device", params))
+        splits = load_splits(data)
+        teacher, meta = load_checkpoint(checkpoint, split_fingerprint=splits.fingerprint, device=device)
+    except (ParamsError, ValueError, FileNotFoundError) as err:
+        fail(err)
+    if topk > splits.n_items:
+        fail(ParamsError(f"{params}: cache.topk = {topk} exceeds the {splits.n_items} items of {splits.name}"))
+    size_gb = splits.n_users * splits.n_items * 4 / 1e9
+    log(f"cache_teacher: {splits.n_users} x {splits.n_items} float32 scores ({size_gb:.2f} GB) + top-{topk} lists")
+    write_cache(
+        teacher, splits, out, topk=topk, checkpoint_sha256=file_sha256(checkpoint), chunk=chunk, device=device,
+        progress=progress("cache_teacher"),
+    )
+    log(f"cache_teacher: wrote {out}")

@@ -1,0 +1,25 @@
+"""`rcekd`: the command line that every DVC stage calls. Options are paths and selectors; the
+parameters of each stage come from params.yaml (see `--params`)."""
+
+from __future__ import annotations
+
+import typer
+
+from stages import cache_teacher, distill, evaluate, preprocess, report, train_teacher
+
+app = typer.Typer(
+    help="rcekd: knowledge distillation for top-N recommenders (RCE-KD and baselines) as DVC stages. "
+    "Normally run through `dvc repro`; each command is one stage of dvc.yaml.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("preprocess")(preprocess.main)
+app.command("train-teacher")(train_teacher.main)
+app.command("cache-teacher")(cache_teacher.main)
+app.command("distill")(distill.main)
+app.command("evaluate")(evaluate.main)
+app.command("report")(report.main)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,43 @@
+"""What several stages share: progress lines, the backbone section of params, run metadata."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from rcekd.backbones import BACKBONES
+from rcekd.data import Splits
+from stages.params import ParamsError, kwargs_for
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def progress(label: str):
+    """A callback printing `label: done/total (pct)` at most every 2 seconds and at the end."""
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] >= 2.0:
+            last[0] = now
+            log(f"{label}: {done}/{total} users ({100 * done / total:.0f}%)")
+
+    return report
+
+
+def model_spec(role: dict, where: str) -> tuple[str, dict]:
+    """(backbone name, constructor kwargs without the dataset sizes) from a teacher/student section."""
+    name = role.get("backbone")
+    if name not in BACKBONES:
+        raise ParamsError(f"params.yaml: {where}.backbone = {name!r}; expected one of {sorted(BACKBONES)}")
+    kwargs = kwargs_for(BACKBONES[name].__init__, role.get("model"), f"{where}.model", skip=("n_users", "n_items"))
+    return name, kwargs
+
+
+def build_model(name: str, kwargs: dict, splits: Splits) -> tuple[torch.nn.Module, dict]:
+    full = {"n_users": splits.n_users, "n_items": splits.n_items, **kwargs}
+    return BACKBONES[name](**full), full

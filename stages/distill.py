@@ -1,0 +1,89 @@
+"""Stage 4 (one per method): train the student with a distillation method through the one loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from rcekd.cache import TeacherCache
+from rcekd.checkpoint import save_checkpoint
+from rcekd.data import load_splits
+from rcekd.kd import METHODS, KDContext
+from rcekd.sparse import UserItems
+from rcekd.train import fit, resolve_device, write_history
+from stages.common import build_model, log, model_spec
+from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
+from stages.train_teacher import training_options
+
+LOOP_KEYS = ("weight", "reduction")  # kd.<method> keys read by the loop, not by the method
+
+
+def main(
+    method: str = typer.Option(..., help=f"Distillation method: one of {', '.join(METHODS)}."),
+    data: Path = typer.Option(..., help="Processed dataset directory (from preprocess)."),
+    cache: Path = typer.Option(..., help="Teacher cache directory (from cache_teacher)."),
+    out: Path = typer.Option(..., help="Output student checkpoint of the best validation epoch."),
+    history: Path = typer.Option(..., help="Output per-epoch history CSV (DVC plots)."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Train a student (params: seed, device, train, student, kd.<method>)."""
+    try:
+        if method not in METHODS:
+            raise ParamsError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        all_params = load_params(params)
+        role = section(all_params, "student", params)
+        backbone, model_kwargs = model_spec(role, "student")
+        options = training_options(all_params, role, "student", params)
+        kd_params = dict(section(all_params, f"kd.{method}", params) or {})
+        loop = {key: kd_params.pop(key) for key in LOOP_KEYS if key in kd_params}
+        kd_class = METHODS[method]
+        if kd_class is not None:
+            kwargs_for(kd_class.__init__, kd_params, f"kd.{method}")
+            if not isinstance(loop.get("weight"), (int, float)) or loop["weight"] < 0:
+                raise ParamsError(f"{params}: kd.{method}.weight = {loop.get('weight')!r}; expected a number >= 0")
+            if loop.get("reduction", "users") not in ("users", "rows"):
+                raise ParamsError(f"{params}: kd.{method}.reduction = {loop['reduction']!r}; expected 'users' or 'rows'")
+        elif kd_params or loop:
+            raise ParamsError(f"{params}: kd.{method} takes no parameters, got {sorted(kd_params) + sorted(loop)}")
+        for key in ("k", "l"):
+            if key in kd_params and not 0 < kd_params[key]:
+                raise ParamsError(f"{params}: kd.{method}.{key} = {kd_params[key]!r}; expected > 0")
+        device = resolve_device(section(all_params, "device", params))
+        splits = load_splits(data)
+        for key in ("k", "l"):
+            if kd_params.get(key, 0) > splits.n_items:
+                raise ParamsError(f"{params}: kd.{method}.{key} = {kd_params[key]} exceeds the {splits.n_items} items")
+        kd, teacher_sha256 = None, None
+        if kd_class is not None:
+            teacher = TeacherCache(cache, splits=splits, device=device, chunk=options["eval_chunk"])
+            train_items = UserItems(splits.train, splits.n_users, splits.n_items, device)
+            context = KDContext(teacher, train_items, splits.n_users, splits.n_items, device, options["eval_chunk"])
+            kd = kd_class(context, **kd_params)
+            teacher_sha256 = teacher.meta["teacher_sha256"]
+    except (ParamsError, ValueError, FileNotFoundError) as err:
+        fail(err)
+    model, kwargs = build_model(backbone, model_kwargs, splits)
+    log(f"distill {method}: student {backbone} {model_kwargs} on {splits.name} ({device}) {kd_params} {loop}")
+    result = fit(
+        model, splits, kd=kd, kd_weight=float(loop.get("weight", 0.0)), kd_reduction=loop.get("reduction", "users"),
+        device=device, history_path=history, **options,
+    )
+    write_history(history, result.history)
+    save_checkpoint(
+        out,
+        backbone=backbone,
+        kwargs=kwargs,
+        state=result.best_state,
+        meta={
+            "role": "student",
+            "method": method,
+            "split_fingerprint": splits.fingerprint,
+            "teacher_sha256": teacher_sha256,
+            "seed": options["seed"],
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "best_valid": result.best_valid,
+        },
+    )
+    log(f"distill {method}: best validation NDCG@20 {result.best_valid.get('ndcg@20', float('nan')):.4f} at epoch {result.best_epoch}")

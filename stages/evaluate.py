@@ -1,0 +1,48 @@
+"""Stage 5: full-ranking valid and test metrics of one checkpoint, as a small DVC metrics JSON."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import typer
+
+from rcekd.checkpoint import load_checkpoint
+from rcekd.data import load_splits
+from rcekd.evaluate import full_ranking
+from rcekd.io import write_json
+from rcekd.sparse import UserItems
+from rcekd.train import resolve_device
+from stages.common import log
+from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
+
+
+def main(
+    data: Path = typer.Option(..., help="Processed dataset directory (from preprocess)."),
+    checkpoint: Path = typer.Option(..., help="Checkpoint to evaluate (teacher or student)."),
+    out: Path = typer.Option(..., help="Output metrics JSON: {valid: {...}, test: {...}, ...}."),
+    history: Path = typer.Option(None, help="The run's history CSV, to report its mean seconds per epoch."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Recall/NDCG@10,20 on valid and test at the checkpoint's best validation epoch (params: evaluate)."""
+    try:
+        all_params = load_params(params)
+        exclude_valid = section(all_params, "evaluate.exclude_valid_in_test", params)
+        if not isinstance(exclude_valid, bool):
+            raise ParamsError(f"{params}: evaluate.exclude_valid_in_test = {exclude_valid!r}; expected true or false")
+        device = resolve_device(section(all_params, "device", params))
+        splits = load_splits(data)
+        model, meta = load_checkpoint(checkpoint, split_fingerprint=splits.fingerprint, device=device)
+    except (ParamsError, ValueError, FileNotFoundError) as err:
+        fail(err)
+    known = {name: UserItems(splits.pairs(name), splits.n_users, splits.n_items, device) for name in ("train", "valid", "test")}
+    valid = full_ranking(model, known["valid"], exclude=[known["train"]], device=device)
+    test_exclude = [known["train"], known["valid"]] if exclude_valid else [known["train"]]
+    test = full_ranking(model, known["test"], exclude=test_exclude, device=device)
+    result = {"test": test, "valid": valid, "best_epoch": meta["best_epoch"], "epochs_run": meta["epochs_run"]}
+    if history is not None and history.exists():
+        with open(history) as handle:
+            seconds = [float(row["epoch_seconds"]) for row in csv.DictReader(handle)]
+        result["seconds_per_epoch"] = sum(seconds) / len(seconds)
+    write_json(out, result)
+    log(f"evaluate {checkpoint}: test recall@20 {test['recall@20']:.4f} ndcg@20 {test['ndcg@20']:.4f} (best epoch {meta['best_epoch']})")

@@ -1,0 +1,46 @@
+"""Stage 1: raw interactions → filtered, split, re-indexed Parquet plus a stats JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from rcekd.data import SOURCES, preprocess
+from rcekd.io import write_json
+from stages.common import log
+from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
+
+
+def main(
+    dataset: str = typer.Option(..., help="A dataset name under `datasets` in params.yaml."),
+    out: Path = typer.Option(..., help="Output directory for the processed dataset."),
+    stats: Path = typer.Option(..., help="Output JSON with the dataset's statistics (a DVC metrics file)."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Parse a raw dataset, apply the core filter and the per-user chronological split."""
+    try:
+        all_params = load_params(params)
+        spec = dict(section(all_params, f"datasets.{dataset}", params))
+        split = section(all_params, "split", params)
+        source = spec.pop("source", None)
+        if source not in SOURCES:
+            raise ParamsError(f"{params}: datasets.{dataset}.source = {source!r}; expected one of {sorted(SOURCES)}")
+        unknown = set(spec) - {"path", "min_user", "min_item"}
+        if unknown:
+            raise ParamsError(f"{params}: unknown parameter(s) {sorted(unknown)} in datasets.{dataset} (valid: source, path, min_user, min_item)")
+        for key in ("min_user", "min_item"):
+            if not isinstance(spec.get(key), int) or spec[key] < 0:
+                raise ParamsError(f"{params}: datasets.{dataset}.{key} = {spec.get(key)!r}; expected an integer >= 0")
+        log(f"preprocess {dataset}: reading {spec['path']}")
+        result = preprocess(
+            spec["path"], out, source=source, min_user=spec["min_user"], min_item=spec["min_item"],
+            train=split["train"], valid=split["valid"],
+        )
+    except (ParamsError, ValueError, FileNotFoundError, KeyError) as err:
+        fail(err)
+    write_json(stats, result)
+    log(
+        f"preprocess {dataset}: {result['users']} users, {result['items']} items, {result['interactions']} interactions; "
+        f"train/valid/test {result['train']}/{result['valid']}/{result['test']}"
+    )
