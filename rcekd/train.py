@@ -8,6 +8,7 @@ every epoch selects the best epoch (strict improvement, patience counted in eval
 from __future__ import annotations
 
 import copy
+import os
 import csv
 import sys
 import time
@@ -15,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,6 +88,7 @@ def fit(
 ) -> FitResult:
     if kd_reduction not in ("users", "rows"):
         raise ValueError(f"kd_reduction = {kd_reduction!r}: expected 'users' or 'rows'")
+    deterministic(device)
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     model.to(device).train()
@@ -187,6 +188,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
+def deterministic(device: torch.device) -> None:
+    """Same seed, same numbers: CPU scatter-adds (embedding backward) are otherwise order-dependent."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")

@@ -38,6 +38,8 @@ def model_spec(role: dict, where: str) -> tuple[str, dict]:
     return name, kwargs
 
 
-def build_model(name: str, kwargs: dict, splits: Splits) -> tuple[torch.nn.Module, dict]:
+def build_model(name: str, kwargs: dict, splits: Splits, *, seed: int) -> tuple[torch.nn.Module, dict]:
+    """The backbone with its initial weights drawn from the run's seed; also the full kwargs to save."""
+    torch.manual_seed(seed)
     full = {"n_users": splits.n_users, "n_items": splits.n_items, **kwargs}
     return BACKBONES[name](**full), full

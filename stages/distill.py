@@ -63,7 +63,7 @@ def main(
             teacher_sha256 = teacher.meta["teacher_sha256"]
     except (ParamsError, ValueError, FileNotFoundError) as err:
         fail(err)
-    model, kwargs = build_model(backbone, model_kwargs, splits)
+    model, kwargs = build_model(backbone, model_kwargs, splits, seed=options["seed"])
     log(f"distill {method}: student {backbone} {model_kwargs} on {splits.name} ({device}) {kd_params} {loop}")
     result = fit(
         model, splits, kd=kd, kd_weight=float(loop.get("weight", 0.0)), kd_reduction=loop.get("reduction", "users"),

@@ -40,7 +40,7 @@ def main(
         splits = load_splits(data)
     except (ParamsError, ValueError, FileNotFoundError) as err:
         fail(err)
-    model, kwargs = build_model(backbone, model_kwargs, splits)
+    model, kwargs = build_model(backbone, model_kwargs, splits, seed=options["seed"])
     log(f"teacher {backbone} {model_kwargs} on {splits.name} ({device}): {splits.n_users} users, {splits.n_items} items")
     result = fit(model, splits, device=device, history_path=history, **options)
     write_history(history, result.history)

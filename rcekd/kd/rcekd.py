@@ -39,7 +39,7 @@ def rank_above_counts(scores: torch.Tensor, ref_items: torch.Tensor, ref_mask: t
     "The student ranks j above i" for i ∈ (Q^T)_2 is s_j > s_i, so z_j counts those i.
     """
     ref_scores = scores.gather(1, ref_items).masked_fill(~ref_mask, float("inf"))  # [B, K]
-    return torch.searchsorted(ref_scores.sort(1).values, scores.contiguous(), side="left")
+    return torch.searchsorted(ref_scores.sort(1).values, scores.contiguous(), side="left", out_int32=True)
 
 
 def mixing_weight(overlap: torch.Tensor, *, beta: float) -> torch.Tensor:
@@ -49,7 +49,7 @@ def mixing_weight(overlap: torch.Tensor, *, beta: float) -> torch.Tensor:
 
 def dedupe_rows(items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mask repeats within each row: keep the first occurrence of each item. Returns the new mask."""
-    order = items.sort(1, stable=True)
+    order = items.sort(dim=1, stable=True)
     repeat = torch.zeros_like(valid)
     repeat[:, 1:] = order.values[:, 1:] == order.values[:, :-1]
     keep = torch.empty_like(valid)
@@ -120,19 +120,23 @@ class RCEKD:
         self, scores: torch.Tensor, qt: torch.Tensor, q2: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw L items per user with p_j ∝ exp(z_j / T_s); returns items [b, L] and a validity mask."""
-        known = torch.isinf(scores)  # training items (−inf) when they are excluded
         if self.sampling == "paper":
-            z = rank_above_counts(scores, qt, q2).float()  # [b, I]
-            weights = torch.exp(z / self.sample_temperature)
-            weights[known] = 0.0
+            z = rank_above_counts(scores, qt, q2)  # [b, I]
+            weights = self._exp_table(q2.shape[1])[z]  # exp(z / T_s) by lookup: z takes K + 1 values
+            weights.masked_fill_(torch.isneginf(scores), 0.0)  # training items (−inf) when excluded
             weights.scatter_(1, qt, torch.where(q2, 0.0, weights.gather(1, qt)))  # (Q^T)_2 is already in A^u
             sampled = torch.multinomial(weights, self.l, replacement=True, generator=generator)
             return sampled, dedupe_rows(sampled, torch.ones_like(sampled, dtype=torch.bool))
-        pool = scores.topk(self.pool_top_m, dim=1).indices  # [b, M]: the student's top-M positions
-        z = rank_above_counts(scores, qt, torch.ones_like(q2)).gather(1, pool).float().clamp(max=self.z_cap)
+        pool = scores.topk(self.pool_top_m, dim=1)  # the student's top-M positions
+        z = rank_above_counts(scores, qt, torch.ones_like(q2)).gather(1, pool.indices).clamp(max=self.z_cap)
         picks = torch.multinomial(torch.exp(z / self.sample_temperature), self.l, replacement=False, generator=generator)
-        sampled = pool.gather(1, picks)  # distinct; those in (Q^T)_2 are already in A^u
-        return sampled, ~membership(sampled, qt, self.ctx.n_items, members_mask=q2)
+        sampled = pool.indices.gather(1, picks)  # distinct; those in (Q^T)_2 are already in A^u
+        # a user with fewer than M non-training items has training items (−inf) in the pool: drop them
+        known = torch.isneginf(pool.values.gather(1, picks))
+        return sampled, ~membership(sampled, qt, self.ctx.n_items, members_mask=q2) & ~known
+
+    def _exp_table(self, k: int) -> torch.Tensor:
+        return torch.exp(torch.arange(k + 1, dtype=torch.float32, device=self.ctx.device) / self.sample_temperature)
 
     def loss(self, users: torch.Tensor, user_vecs: torch.Tensor, item_table: torch.Tensor) -> dict[str, torch.Tensor]:
         l1 = soft_ce(

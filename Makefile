@@ -1,0 +1,24 @@
+# Two commands for a newcomer (see README.md):
+#   make run    set up .venv, then `dvc repro` the default pipeline (CiteULike-t, MF → MF)
+#   make test   set up .venv, then run the test suite (unit tests + a small end-to-end DVC run)
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup run test
+setup: $(VENV)/.installed
+
+# The CPU build of torch first (a local wheel on the project's machines); the CPU index elsewhere.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0 || \
+	  $(BIN)/pip install --quiet 'torch>=2.2,<3' --index-url https://download.pytorch.org/whl/cpu
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+run: setup
+	dvc repro
+
+test: setup
+	python -m pytest -q
