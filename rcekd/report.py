@@ -16,7 +16,7 @@ def collect(metrics_dir: str | Path) -> dict[str, dict]:
     for path in sorted(metrics_dir.rglob("*.json")):
         name = path.relative_to(metrics_dir).with_suffix("").as_posix()
         record = read_json(path)
-        if "test" in record:
+        if isinstance(record.get("test"), dict):  # skips the dataset statistics (data.json)
             runs[name] = record
     return runs
 

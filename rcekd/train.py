@@ -156,7 +156,7 @@ def fit(
         best.epochs_run = epoch
         log(
             f"epoch {epoch:4d}  loss {row['loss']:.4f}"
-            + "".join(f"  {k} {row[k]:.4f}" for k in sums if k not in ("loss",))
+            + "".join(f"  {k} {row[k]:.4f}" for k in [*sums, *prep] if k != "loss")
             + f"  valid ndcg@20 {valid['ndcg@20']:.4f}{' *' if improved else '  '}"
             + f"  best {best_ndcg:.4f}@{best.best_epoch}  {row['epoch_seconds']:.1f}s"
         )
