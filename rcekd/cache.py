@@ -85,7 +85,15 @@ def write_cache(
 class TeacherCache:
     """Validated read access to a cache directory; tensors come back on `device`."""
 
-    def __init__(self, directory: str | Path, *, splits: Splits, device: torch.device, chunk: int = 1024):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        splits: Splits,
+        device: torch.device,
+        chunk: int = 1024,
+        teacher_sha256: str | None = None,
+    ):
         directory = Path(directory)
         meta_path = directory / "meta.json"
         if not meta_path.exists():
@@ -98,6 +106,10 @@ class TeacherCache:
         if meta.get("split_fingerprint") != splits.fingerprint:
             problems.append(
                 f"split fingerprint {meta.get('split_fingerprint')} (the dataset {splits.name} has {splits.fingerprint})"
+            )
+        if teacher_sha256 is not None and meta.get("teacher_sha256") != teacher_sha256:
+            problems.append(
+                f"teacher checkpoint sha256 {str(meta.get('teacher_sha256'))[:12]}… (the teacher given has {teacher_sha256[:12]}…)"
             )
         if meta.get("shape") != expected_shape:
             problems.append(f"shape {meta.get('shape')} (the dataset has {expected_shape})")

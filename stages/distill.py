@@ -9,6 +9,7 @@ import typer
 from rcekd.cache import TeacherCache
 from rcekd.checkpoint import save_checkpoint
 from rcekd.data import load_splits
+from rcekd.io import file_sha256
 from rcekd.kd import METHODS, KDContext
 from rcekd.sparse import UserItems
 from rcekd.train import fit, resolve_device, write_history
@@ -23,6 +24,7 @@ def main(
     method: str = typer.Option(..., help=f"Distillation method: one of {', '.join(METHODS)}."),
     data: Path = typer.Option(..., help="Processed dataset directory (from preprocess)."),
     cache: Path = typer.Option(..., help="Teacher cache directory (from cache_teacher)."),
+    teacher: Path = typer.Option(None, help="Teacher checkpoint: when given, the cache must have been made from it."),
     out: Path = typer.Option(..., help="Output student checkpoint of the best validation epoch."),
     history: Path = typer.Option(..., help="Output per-epoch history CSV (DVC plots)."),
     params: Path = PARAMS_OPTION,
@@ -56,11 +58,12 @@ def main(
                 raise ParamsError(f"{params}: kd.{method}.{key} = {kd_params[key]} exceeds the {splits.n_items} items")
         kd, teacher_sha256 = None, None
         if kd_class is not None:
-            teacher = TeacherCache(cache, splits=splits, device=device, chunk=options["eval_chunk"])
+            expected = file_sha256(teacher) if teacher is not None else None
+            scores = TeacherCache(cache, splits=splits, device=device, chunk=options["eval_chunk"], teacher_sha256=expected)
             train_items = UserItems(splits.train, splits.n_users, splits.n_items, device)
-            context = KDContext(teacher, train_items, splits.n_users, splits.n_items, device, options["eval_chunk"])
+            context = KDContext(scores, train_items, splits.n_users, splits.n_items, device, options["eval_chunk"])
             kd = kd_class(context, **kd_params)
-            teacher_sha256 = teacher.meta["teacher_sha256"]
+            teacher_sha256 = scores.meta["teacher_sha256"]
     except (ParamsError, ValueError, FileNotFoundError) as err:
         fail(err)
     model, kwargs = build_model(backbone, model_kwargs, splits, seed=options["seed"])

@@ -136,6 +136,14 @@ def test_cache_refuses_another_split(cache_dir, splits):
         TeacherCache(directory, splits=other, device=CPU)
 
 
+def test_cache_refuses_another_teacher(cache_dir, splits):
+    """A cache made from one teacher checkpoint is refused when another checkpoint's hash is expected."""
+    directory, _ = cache_dir
+    assert TeacherCache(directory, splits=splits, device=CPU, teacher_sha256="f" * 64).meta["teacher_sha256"] == "f" * 64
+    with pytest.raises(ValueError, match=r"teacher checkpoint sha256 ffffffffffff.*0123456789ab"):
+        TeacherCache(directory, splits=splits, device=CPU, teacher_sha256="0123456789ab" + "0" * 52)
+
+
 def test_cache_refuses_another_shape(cache_dir, splits):
     directory, _ = cache_dir
     bigger = dataclasses.replace(splits, n_items=N_ITEMS + 1)
