@@ -9,7 +9,6 @@ split that every downstream artifact records and checks).
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
