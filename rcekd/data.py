@@ -18,53 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rcekd.io import atomic_path, read_json, write_json
+from rcekd.sources import SOURCES
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
 PAIR_SCHEMA = pa.schema([("user", pa.int32()), ("item", pa.int32())])
 MAP_SCHEMA = pa.schema([("id", pa.int32()), ("raw", pa.string())])
-
-
-# ---------------------------------------------------------------- raw sources
-
-
-def read_users_dat(path: str | Path) -> pd.DataFrame:
-    """CiteULike-t `users.dat`: line u (0-based) is `<n> <item> <item> ...`; no timestamps.
-
-    Returns columns user, item (raw ids) and `order` (position in the file, the only time order).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: dataset file not found")
-    users: list[np.ndarray] = []
-    items: list[np.ndarray] = []
-    with open(path) as handle:
-        for lineno, line in enumerate(handle):
-            fields = line.split()
-            if not fields:
-                continue
-            try:
-                values = np.array(fields, dtype=np.int64)
-            except ValueError:
-                raise ValueError(
-                    f"{path}, line {lineno + 1}: expected integers '<n> <item> ...', got {line.strip()[:60]!r}"
-                ) from None
-            if values[0] != len(values) - 1:
-                raise ValueError(
-                    f"{path}, line {lineno + 1}: count field says {values[0]} items but the line has {len(values) - 1}"
-                )
-            if (values[1:] < 0).any():
-                raise ValueError(f"{path}, line {lineno + 1}: negative item id")
-            users.append(np.full(len(values) - 1, lineno, dtype=np.int64))
-            items.append(values[1:])
-    if not users:
-        raise ValueError(f"{path}: no interactions found")
-    user = np.concatenate(users)
-    item = np.concatenate(items)
-    return pd.DataFrame({"user": user, "item": item, "order": np.arange(len(user), dtype=np.int64)})
-
-
-SOURCES = {"users_dat": read_users_dat}
 
 
 # ---------------------------------------------------------------- protocol
@@ -109,6 +68,29 @@ def chrono_split(df: pd.DataFrame, *, train: float, valid: float) -> dict[str, p
     }
 
 
+def carve_valid(df: pd.DataFrame, *, share: float, seed: int) -> dict[str, pd.DataFrame]:
+    """For data published pre-split (a `split` column): keep its test part, and move a seeded random
+    ⌊share · n⌋ of each user's training interactions to validation (at least one stays in train)."""
+    train, test = df[df["split"] == "train"], df[df["split"] == "test"]
+    keys = np.random.default_rng(seed).random(len(train))
+    rank = pd.Series(keys, index=train.index).groupby(train["user"].to_numpy()).rank(method="first").to_numpy() - 1
+    n = train["user"].map(train["user"].value_counts()).to_numpy()
+    n_valid = np.minimum(np.floor(share * n + 1e-9), n - 1)
+    in_valid = rank < n_valid
+    return {"train": train[~in_valid], "valid": train[in_valid], "test": test}
+
+
+def _dense_ids(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Raw ids → 0..n−1 in sorted raw order (numeric order when every id is an integer)."""
+    uniques = pd.unique(values.to_numpy())
+    as_text = pd.Series(uniques, dtype=str)
+    numeric = as_text.str.fullmatch(r"\d+").all()
+    order = np.argsort(as_text.astype(np.int64).to_numpy() if numeric else as_text.to_numpy(), kind="stable")
+    raw = as_text.to_numpy()[order]
+    lookup = pd.Series(np.arange(len(raw), dtype=np.int32), index=raw)
+    return lookup.loc[values.astype(str).to_numpy()].to_numpy(), raw
+
+
 # ---------------------------------------------------------------- writer
 
 
@@ -121,24 +103,34 @@ def preprocess(
     min_item: int,
     train: float,
     valid: float,
+    source_options: dict | None = None,
+    valid_share: float = 1 / 9,
+    seed: int = 0,
 ) -> dict:
-    """Read a raw source, filter, split, re-index and write the processed directory. Returns stats."""
+    """Read a raw source, filter, split, re-index and write the processed directory. Returns stats.
+
+    Sources with timestamps (or a file order) get the per-user chronological split (train, valid);
+    sources published pre-split keep their test part and carve validation from training (valid_share).
+    """
     if source not in SOURCES:
         raise ValueError(f"unknown dataset source {source!r}; expected one of {sorted(SOURCES)}")
     if not (0 < train < 1 and 0 <= valid < 1 and train + valid < 1):
         raise ValueError(f"split ratios train={train}, valid={valid}: need 0 < train, 0 <= valid, train + valid < 1")
-    df = deduplicate(SOURCES[source](raw_path))
+    df = deduplicate(SOURCES[source](raw_path, **(source_options or {})))
     df = core_filter(df, min_user=min_user, min_item=min_item)
     if df.empty:
         raise ValueError(f"{raw_path}: no interactions left after the core filter (min_user={min_user}, min_item={min_item})")
 
-    raw_users = np.sort(df["user"].unique())
-    raw_items = np.sort(df["item"].unique())
-    df = df.assign(
-        user=np.searchsorted(raw_users, df["user"].to_numpy()).astype(np.int32),
-        item=np.searchsorted(raw_items, df["item"].to_numpy()).astype(np.int32),
-    )
-    parts = chrono_split(df, train=train, valid=valid)
+    user_ids, raw_users = _dense_ids(df["user"])
+    item_ids, raw_items = _dense_ids(df["item"])
+    df = df.assign(user=user_ids, item=item_ids)
+    presplit = "split" in df
+    if presplit:
+        parts = carve_valid(df, share=valid_share, seed=seed)
+        protocol = {"min_user": min_user, "min_item": min_item, "presplit": True, "valid_share": valid_share, "seed": seed}
+    else:
+        parts = chrono_split(df, train=train, valid=valid)
+        protocol = {"min_user": min_user, "min_item": min_item, "train": train, "valid": valid}
     tables = {
         name: pa.Table.from_pandas(part[["user", "item"]], schema=PAIR_SCHEMA, preserve_index=False)
         for name, part in parts.items()
@@ -154,7 +146,8 @@ def preprocess(
         "format_version": FORMAT_VERSION,
         "source": source,
         "raw_file": str(raw_path),
-        "protocol": {"min_user": min_user, "min_item": min_item, "train": train, "valid": valid},
+        "protocol": protocol,
+        **({"source_options": source_options} if source_options else {}),
         "n_users": stats["users"],
         "n_items": stats["items"],
         "fingerprint": _fingerprint({name: (t["user"].to_numpy(), t["item"].to_numpy()) for name, t in tables.items()}),
@@ -166,7 +159,7 @@ def preprocess(
             pq.write_table(table, tmp / f"{name}.parquet")
         for name, raw in (("users", raw_users), ("items", raw_items)):
             ids = pa.array(np.arange(len(raw), dtype=np.int32))
-            pq.write_table(pa.table([ids, pa.array(raw.astype(str))], schema=MAP_SCHEMA), tmp / f"{name}.parquet")
+            pq.write_table(pa.table([ids, pa.array(raw, type=pa.string())], schema=MAP_SCHEMA), tmp / f"{name}.parquet")
         write_json(tmp / "meta.json", meta)
     return stats
 

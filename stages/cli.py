@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import cache_teacher, distill, evaluate, preprocess, report, train_teacher
+from stages import cache_teacher, distill, evaluate, fetch, preprocess, report, train_teacher
 
 app = typer.Typer(
     help="rcekd: knowledge distillation for top-N recommenders (RCE-KD and baselines) as DVC stages. "
@@ -14,6 +14,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("fetch")(fetch.main)
 app.command("preprocess")(preprocess.main)
 app.command("train-teacher")(train_teacher.main)
 app.command("cache-teacher")(cache_teacher.main)

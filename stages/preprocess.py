@@ -6,10 +6,11 @@ from pathlib import Path
 
 import typer
 
-from rcekd.data import SOURCES, preprocess
+from rcekd.data import preprocess
+from rcekd.sources import SOURCES
 from rcekd.io import write_json
 from stages.common import log
-from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
+from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
 
 
 def main(
@@ -26,16 +27,23 @@ def main(
         source = spec.pop("source", None)
         if source not in SOURCES:
             raise ParamsError(f"{params}: datasets.{dataset}.source = {source!r}; expected one of {sorted(SOURCES)}")
-        unknown = set(spec) - {"path", "min_user", "min_item"}
+        allowed = {"path", "min_user", "min_item", "options", "valid_share", "split_seed"}
+        unknown = set(spec) - allowed
         if unknown:
-            raise ParamsError(f"{params}: unknown parameter(s) {sorted(unknown)} in datasets.{dataset} (valid: source, path, min_user, min_item)")
+            raise ParamsError(f"{params}: unknown parameter(s) {sorted(unknown)} in datasets.{dataset} (valid: source, {', '.join(sorted(allowed))})")
         for key in ("min_user", "min_item"):
             if not isinstance(spec.get(key), int) or spec[key] < 0:
                 raise ParamsError(f"{params}: datasets.{dataset}.{key} = {spec.get(key)!r}; expected an integer >= 0")
+        options = spec.get("options") or {}
+        kwargs_for(SOURCES[source], options, f"datasets.{dataset}.options", skip=())
+        share = spec.get("valid_share", 1 / 9)
+        if not isinstance(share, (int, float)) or not 0 <= share < 1:
+            raise ParamsError(f"{params}: datasets.{dataset}.valid_share = {share!r}; expected a number in [0, 1)")
         log(f"preprocess {dataset}: reading {spec['path']}")
         result = preprocess(
             spec["path"], out, source=source, min_user=spec["min_user"], min_item=spec["min_item"],
-            train=split["train"], valid=split["valid"],
+            train=split["train"], valid=split["valid"], source_options=options, valid_share=share,
+            seed=int(spec.get("split_seed", 0)),
         )
     except (ParamsError, ValueError, FileNotFoundError, KeyError) as err:
         fail(err)

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rcekd.data import PAIR_SCHEMA, Splits, core_filter, deduplicate, load_splits, preprocess, read_users_dat, split_sizes
+from rcekd.data import PAIR_SCHEMA, Splits, core_filter, deduplicate, load_splits, preprocess, split_sizes
+from rcekd.sources import read_users_dat
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / "data" / "raw" / "citeulike-t" / "users.dat"
@@ -204,8 +205,8 @@ def test_read_users_dat_orders_and_users(tmp_path):
     path = tmp_path / "users.dat"
     path.write_text("2 7 3\n1 9\n")
     df = read_users_dat(path)
-    assert df["user"].tolist() == [0, 0, 1]
-    assert df["item"].tolist() == [7, 3, 9]
+    assert df["user"].tolist() == ["0", "0", "1"]  # raw ids are kept as text
+    assert df["item"].tolist() == ["7", "3", "9"]
     assert df["order"].tolist() == [0, 1, 2]
 
 
