@@ -75,7 +75,7 @@ def carve_valid(df: pd.DataFrame, *, share: float, seed: int) -> dict[str, pd.Da
     keys = np.random.default_rng(seed).random(len(train))
     rank = pd.Series(keys, index=train.index).groupby(train["user"].to_numpy()).rank(method="first").to_numpy() - 1
     n = train["user"].map(train["user"].value_counts()).to_numpy()
-    n_valid = np.minimum(np.floor(share * n + 1e-9), n - 1)
+    n_valid = np.minimum(np.floor(share * n + 1e-6), n - 1)  # 0.1111111111 · 9k must still give k
     in_valid = rank < n_valid
     return {"train": train[~in_valid], "valid": train[in_valid], "test": test}
 
