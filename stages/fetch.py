@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from rcekd.fetch import fetch
+from rcekd.fetch import REMOTES, Remote, fetch
 from stages.common import log
 from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
 
@@ -28,7 +28,10 @@ def main(
                 last[0] = done
                 log(f"fetch {name}: {done >> 20} MiB" + (f" of {total >> 20} MiB" if total else ""))
 
-        for file in fetch(dataset, out, local=local, progress=progress):
+        remotes = None
+        if dataset not in REMOTES and local is not None and spec.get("source") != "lightgcn":
+            remotes = [Remote(path.name, url="")]  # no public download (Yelp): the user's own copy
+        for file in fetch(dataset, out, local=local, remotes=remotes, progress=progress):
             log(f"fetch {dataset}: {file} ok")
     except (ParamsError, ValueError, FileNotFoundError, OSError) as err:
         fail(err)

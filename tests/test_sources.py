@@ -123,3 +123,29 @@ def test_empty_after_filter_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"c\.txt\.gz: no interactions left after the core filter"):
         preprocess(path, tmp_path / "out", source="snap_checkins", min_user=10, min_item=10, **SPLIT)
     assert not (tmp_path / "out").exists()
+
+
+@needs_shared
+def test_recbole_and_table_agree_with_snap_on_real_checkins(tmp_path):
+    """The real check-in sample written as a RecBole .inter file and as a CSV preprocesses to the same split."""
+    path = SHARED / "gowalla-checkins-sample" / "loc-gowalla_totalCheckins.sample.txt.gz"
+    raw = read_snap_checkins(path).head(20000)
+    snap = tmp_path / "c.txt"
+    pd.DataFrame({"u": raw["user"], "t": pd.to_datetime(raw["time"], unit="s").dt.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                  "a": 0.0, "b": 0.0, "i": raw["item"]}).to_csv(snap, sep="\t", header=False, index=False)
+    inter = tmp_path / "gowalla.inter"
+    with open(inter, "w") as handle:
+        handle.write("user_id:token\titem_id:token\ttimestamp:float\n")
+        for u, i, t in zip(raw["user"], raw["item"], raw["time"]):
+            handle.write(f"{u}\t{i}\t{t}\n")
+    csv = tmp_path / "log.csv"
+    raw.rename(columns={"user": "uid", "item": "loc", "time": "ts"})[["uid", "loc", "ts"]].to_csv(csv, index=False)
+    runs = {
+        "snap": preprocess(snap, tmp_path / "a", source="snap_checkins", min_user=5, min_item=5, **SPLIT),
+        "inter": preprocess(inter, tmp_path / "b", source="recbole_inter", min_user=5, min_item=5, **SPLIT),
+        "csv": preprocess(csv, tmp_path / "c", source="table", min_user=5, min_item=5,
+                          source_options={"user": "uid", "item": "loc", "time": "ts"}, **SPLIT),
+    }
+    assert runs["snap"] == runs["inter"] == runs["csv"] and runs["snap"]["interactions"] > 1000
+    fingerprints = {load_splits(tmp_path / d).fingerprint for d in "abc"}
+    assert len(fingerprints) == 1
