@@ -6,7 +6,6 @@ import hashlib
 import http.server
 import tarfile
 import threading
-from pathlib import Path
 
 import pytest
 
