@@ -27,6 +27,8 @@ def main(
         source = spec.pop("source", None)
         if source not in SOURCES:
             raise ParamsError(f"{params}: datasets.{dataset}.source = {source!r}; expected one of {sorted(SOURCES)}")
+        if not isinstance(spec.get("path"), str):
+            raise ParamsError(f"{params}: datasets.{dataset}.path = {spec.get('path')!r}; expected the path of the raw file or directory")
         allowed = {"path", "min_user", "min_item", "options", "valid_share", "split_seed"}
         unknown = set(spec) - allowed
         if unknown:
@@ -45,7 +47,7 @@ def main(
             train=split["train"], valid=split["valid"], source_options=options, valid_share=share,
             seed=int(spec.get("split_seed", 0)),
         )
-    except (ParamsError, ValueError, FileNotFoundError, KeyError) as err:
+    except (ParamsError, ValueError, FileNotFoundError) as err:
         fail(err)
     write_json(stats, result)
     log(
