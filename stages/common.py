@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from rcekd.backbones import BACKBONES
 from rcekd.data import Splits
-from stages.params import ParamsError, kwargs_for
+from rcekd.train import fit
+from stages.params import ParamsError, kwargs_for, section
 
 
 def log(message: str) -> None:
@@ -43,3 +45,14 @@ def build_model(name: str, kwargs: dict, splits: Splits, *, seed: int) -> tuple[
     torch.manual_seed(seed)
     full = {"n_users": splits.n_users, "n_items": splits.n_items, **kwargs}
     return BACKBONES[name](**full), full
+
+
+def training_options(all_params: dict, role: dict, where: str, params: Path) -> dict:
+    """Keyword arguments of `fit` from the shared `train` section plus the role's weight_decay."""
+    train = kwargs_for(fit, section(all_params, "train", params), "train", skip=("weight_decay", "seed", "device", "kd", "kd_weight", "kd_reduction", "history_path", "log"))
+    if not isinstance(role.get("weight_decay"), (int, float)) or role["weight_decay"] < 0:
+        raise ParamsError(f"{params}: {where}.weight_decay = {role.get('weight_decay')!r}; expected a number >= 0")
+    for key in ("batch_size", "max_epochs", "patience"):
+        if not isinstance(train[key], int) or train[key] < 1:
+            raise ParamsError(f"{params}: train.{key} = {train[key]!r}; expected an integer >= 1")
+    return {**train, "weight_decay": float(role["weight_decay"]), "seed": int(section(all_params, "seed", params))}

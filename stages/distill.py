@@ -12,10 +12,9 @@ from rcekd.data import load_splits
 from rcekd.io import file_sha256
 from rcekd.kd import METHODS, KDContext
 from rcekd.sparse import UserItems
-from rcekd.train import fit, resolve_device, write_history
-from stages.common import build_model, log, model_spec
+from rcekd.train import fit, resolve_device
+from stages.common import build_model, log, model_spec, training_options
 from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
-from stages.train_teacher import training_options
 
 LOOP_KEYS = ("weight", "reduction")  # kd.<method> keys read by the loop, not by the method
 
@@ -72,7 +71,6 @@ def main(
         model, splits, kd=kd, kd_weight=float(loop.get("weight", 0.0)), kd_reduction=loop.get("reduction", "users"),
         device=device, history_path=history, **options,
     )
-    write_history(history, result.history)
     save_checkpoint(
         out,
         backbone=backbone,

@@ -8,20 +8,9 @@ import typer
 
 from rcekd.checkpoint import save_checkpoint
 from rcekd.data import load_splits
-from rcekd.train import fit, resolve_device, write_history
-from stages.common import build_model, log, model_spec
-from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
-
-
-def training_options(all_params: dict, role: dict, where: str, params: Path) -> dict:
-    """Keyword arguments of `fit` from the shared `train` section plus the role's weight_decay."""
-    train = kwargs_for(fit, section(all_params, "train", params), "train", skip=("weight_decay", "seed", "device", "kd", "kd_weight", "kd_reduction", "history_path", "log"))
-    if not isinstance(role.get("weight_decay"), (int, float)) or role["weight_decay"] < 0:
-        raise ParamsError(f"{params}: {where}.weight_decay = {role.get('weight_decay')!r}; expected a number >= 0")
-    for key in ("batch_size", "max_epochs", "patience"):
-        if not isinstance(train[key], int) or train[key] < 1:
-            raise ParamsError(f"{params}: train.{key} = {train[key]!r}; expected an integer >= 1")
-    return {**train, "weight_decay": float(role["weight_decay"]), "seed": int(section(all_params, "seed", params))}
+from rcekd.train import fit, resolve_device
+from stages.common import build_model, log, model_spec, training_options
+from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
 
 
 def main(
@@ -43,7 +32,6 @@ def main(
     model, kwargs = build_model(backbone, model_kwargs, splits, seed=options["seed"])
     log(f"teacher {backbone} {model_kwargs} on {splits.name} ({device}): {splits.n_users} users, {splits.n_items} items")
     result = fit(model, splits, device=device, history_path=history, **options)
-    write_history(history, result.history)
     save_checkpoint(
         out,
         backbone=backbone,
