@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from rcekd.backbones import BACKBONES
+from rcekd.data import Splits
 from rcekd.io import atomic_path
 
 FORMAT_VERSION = 1
@@ -20,9 +21,16 @@ def save_checkpoint(path: str | Path, *, backbone: str, kwargs: dict, state: dic
 
 
 def load_checkpoint(
-    path: str | Path, *, split_fingerprint: str | None = None, device: torch.device | str = "cpu"
+    path: str | Path,
+    *,
+    splits: Splits | None = None,
+    split_fingerprint: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[nn.Module, dict]:
-    """Rebuild the model of a checkpoint; refuse one made for another split."""
+    """Rebuild the model of a checkpoint, bound to `splits`' training pairs when given (the graph of
+    LightGCN, the sequences of HSTU); refuse one made for another split."""
+    if splits is not None:
+        split_fingerprint = splits.fingerprint
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -41,4 +49,6 @@ def load_checkpoint(
         )
     model = BACKBONES[payload["backbone"]](**payload["kwargs"])
     model.load_state_dict(payload["state"])
+    if splits is not None:
+        model.bind(splits.train)
     return model.to(device), meta

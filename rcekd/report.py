@@ -22,21 +22,22 @@ def collect(metrics_dir: str | Path) -> dict[str, dict]:
 
 
 def results_table(runs: dict[str, dict], *, title: str) -> str:
-    """Test metrics per run, with the change against the setting's student-alone run (`<setting>/none`)."""
+    """Test metrics per run, with the change against the student alone of the same backbone: run
+    `<teacher>_to_<student>/<method>` against `student_<student>`."""
     lines = [
         f"# {title}",
         "",
         "Test split, full ranking, the checkpoint of the best validation NDCG@20 epoch. "
-        "Δ = relative change of NDCG@20 against the student alone of the same setting.",
+        "Δ = relative change of NDCG@20 against the student alone of the same backbone (`student_<backbone>`).",
         "",
-        "| run | " + " | ".join(COLUMNS) + " | Δ NDCG@20 vs none | best epoch | s/epoch |",
+        "| run | " + " | ".join(COLUMNS) + " | Δ NDCG@20 vs student alone | best epoch | s/epoch |",
         "|---|" + "---:|" * (len(COLUMNS) + 3),
     ]
     for name, record in runs.items():
         test = record["test"]
-        baseline = runs.get(f"{name.rsplit('/', 1)[0]}/none") if "/" in name else None
+        baseline = runs.get(f"student_{name.split('/')[0].split('_to_')[-1]}") if "_to_" in name else None
         delta = ""
-        if baseline is not None and not name.endswith("/none") and baseline["test"]["ndcg@20"] > 0:
+        if baseline is not None and baseline["test"]["ndcg@20"] > 0:
             delta = f"{100 * (test['ndcg@20'] / baseline['test']['ndcg@20'] - 1):+.1f}%"
         seconds = f"{record['seconds_per_epoch']:.2f}" if "seconds_per_epoch" in record else ""
         lines.append(

@@ -1,13 +1,16 @@
-"""The one training loop: teacher and every student, with or without a distillation method.
+"""The one training loop: teacher and every student, of every backbone, with or without a distillation
+method.
 
-Loss per step: L = L_base + λ · L_KD, with L_base the backbone's BPR loss averaged over the batch's
-training pairs and L_KD the method's loss over the batch's unique users. Validation NDCG@20 after
+Loss per step: L = L_base + λ · L_KD, with L_base the backbone's own loss (BPR over training pairs for
+MF and LightGCN, sampled softmax over sequence positions for HSTU) and L_KD the method's loss over the
+batch's unique users, computed from the same forward's user vectors and item table. Validation NDCG@20 after
 every epoch selects the best epoch (strict improvement, patience counted in evaluations).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import csv
 import sys
@@ -17,9 +20,9 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from rcekd.backbones.base import Backbone, bpr_loss, sample_negatives  # noqa: F401 (re-exported)
 from rcekd.data import Splits
 from rcekd.evaluate import full_ranking
 from rcekd.io import atomic_path
@@ -45,31 +48,8 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def sample_negatives(users: torch.Tensor, known: UserItems, generator: torch.Generator) -> torch.Tensor:
-    """One uniform item per user that is not among the user's known items (vectorised rejection)."""
-    negatives = torch.randint(known.n_items, users.shape, generator=generator, device=users.device)
-    bad = known.contains(users, negatives)
-    while bad.any():
-        negatives[bad] = torch.randint(known.n_items, (int(bad.sum()),), generator=generator, device=users.device)
-        bad[bad.clone()] = known.contains(users[bad], negatives[bad])
-    return negatives
-
-
-def bpr_loss(
-    user_vecs: torch.Tensor, pos_vecs: torch.Tensor, neg_vecs: torch.Tensor, *, weight_decay: float
-) -> torch.Tensor:
-    """Mean over batch rows of −log σ(s(u,i⁺) − s(u,i⁻)) + weight_decay/2 · (‖e_u‖² + ‖e_i⁺‖² + ‖e_i⁻‖²).
-
-    The L2 penalty acts on the rows a batch uses (the usual BPR practice). Adam's own coupled
-    weight decay would shrink every row absent from a batch at full learning-rate speed.
-    """
-    ranking = -F.logsigmoid((user_vecs * (pos_vecs - neg_vecs)).sum(-1))
-    l2 = user_vecs.square().sum(-1) + pos_vecs.square().sum(-1) + neg_vecs.square().sum(-1)
-    return (ranking + 0.5 * weight_decay * l2).mean()
-
-
 def fit(
-    model: nn.Module,
+    model: Backbone,
     splits: Splits,
     *,
     kd: KDMethod | None = None,
@@ -91,10 +71,9 @@ def fit(
     deterministic(device)
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
-    model.to(device).train()
+    model.bind(splits.train).to(device).train()
     train_items = UserItems(splits.train, splits.n_users, splits.n_items, device)
     valid_items = UserItems(splits.valid, splits.n_users, splits.n_items, device)
-    pairs = torch.from_numpy(splits.train).to(device)  # [P, 2]
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
 
     best = FitResult(best_state=copy.deepcopy(model.state_dict()), best_epoch=0, best_valid={}, epochs_run=0)
@@ -104,34 +83,30 @@ def fit(
         prep = kd.prepare_epoch(model, generator) if kd is not None else {}
         prep_seconds = time.perf_counter() - started
 
-        order = torch.randperm(len(pairs), generator=generator, device=device)
-        negatives = sample_negatives(pairs[order, 0], train_items, generator)
         sums: dict[str, float] = {}
         n_batches = 0
-        for lo in range(0, len(pairs), batch_size):
-            users, pos = pairs[order[lo : lo + batch_size]].T
-            neg = negatives[lo : lo + batch_size]
-            batch_users, rows = users.unique(return_inverse=True)
-            user_vecs, item_table = model.encode(batch_users)
-            parts = {"base": bpr_loss(user_vecs[rows], item_table[pos], item_table[neg], weight_decay=weight_decay)}
-            loss = parts["base"]
+        for batch in model.training_batches(batch_size, generator):
+            step = model.batch_loss(batch, weight_decay=weight_decay)
+            parts = {"base": step.base}
+            loss = step.base
             if kd is not None:
-                kd_parts = kd.loss(batch_users, user_vecs, item_table)
+                kd_parts = kd.loss(step.users, step.user_vecs, step.item_table)
                 per_user = kd_parts["kd"]  # [U_b]
                 if kd_reduction == "rows":  # each user weighs by its rows in the batch (the authors' code)
-                    per_user = per_user * torch.bincount(rows, minlength=len(batch_users)) * (len(batch_users) / len(rows))
+                    per_user = per_user * step.rows * (len(step.users) / step.rows.sum().clamp(min=1))
                 kd_parts["kd"] = per_user.mean()
                 loss = loss + kd_weight * kd_parts["kd"]
                 parts.update(kd_parts)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch}: non-finite loss ({ {k: float(v) for k, v in parts.items()} })")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             parts["loss"] = loss
-            for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            for name, value in parts.items():  # summed on the device: no host sync per step
+                sums[name] = sums.get(name, 0.0) + value.detach()
             n_batches += 1
+        sums = {name: float(total) for name, total in sums.items()}
+        if not all(math.isfinite(total) for total in sums.values()):
+            raise FloatingPointError(f"epoch {epoch}: non-finite loss (epoch sums {sums})")
         train_seconds = time.perf_counter() - started
 
         valid = full_ranking(model, valid_items, exclude=[train_items], chunk=eval_chunk, device=device)

@@ -21,7 +21,10 @@ def main(
     out: Path = typer.Option(..., help="Output cache directory."),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Score all users × items with the teacher, chunk by chunk (params: device, cache)."""
+    """Score all users × items with the teacher, chunk by chunk (params: device, cache).
+
+    An HSTU teacher's scores are the logits it was trained on (cosine / temperature) unless
+    cache.hstu_logit is `cosine` (the authors' code)."""
     try:
         all_params = load_params(params)
         topk = section(all_params, "cache.topk", params)
@@ -29,9 +32,14 @@ def main(
         for key, value in (("topk", topk), ("chunk", chunk)):
             if not isinstance(value, int) or value < 1:
                 raise ParamsError(f"{params}: cache.{key} = {value!r}; expected an integer >= 1")
+        logit = section(all_params, "cache.hstu_logit", params)
+        if logit not in ("trained", "cosine"):
+            raise ParamsError(f"{params}: cache.hstu_logit = {logit!r}; expected 'trained' (cosine / temperature) or 'cosine'")
         device = resolve_device(section(all_params, "device", params))
         splits = load_splits(data)
-        teacher, meta = load_checkpoint(checkpoint, split_fingerprint=splits.fingerprint, device=device)
+        teacher, meta = load_checkpoint(checkpoint, splits=splits, device=device)
+        if logit == "cosine" and hasattr(teacher, "use_raw_cosine"):
+            teacher.use_raw_cosine()
     except (ParamsError, ValueError, FileNotFoundError) as err:
         fail(err)
     if topk > splits.n_items:

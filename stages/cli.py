@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import cache_teacher, distill, evaluate, fetch, preprocess, report, train_teacher
+from stages import cache_teacher, distill, evaluate, fetch, preprocess, report, train
 
 app = typer.Typer(
     help="rcekd: knowledge distillation for top-N recommenders (RCE-KD and baselines) as DVC stages. "
@@ -16,7 +16,7 @@ app = typer.Typer(
 )
 app.command("fetch")(fetch.main)
 app.command("preprocess")(preprocess.main)
-app.command("train-teacher")(train_teacher.main)
+app.command("train")(train.main)
 app.command("cache-teacher")(cache_teacher.main)
 app.command("distill")(distill.main)
 app.command("evaluate")(evaluate.main)

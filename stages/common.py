@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rcekd.backbones import BACKBONES
 from rcekd.data import Splits
-from rcekd.train import fit
+from rcekd.train import fit, write_history
 from stages.params import ParamsError, kwargs_for, section
 
 
@@ -31,28 +32,60 @@ def progress(label: str):
     return report
 
 
-def model_spec(role: dict, where: str) -> tuple[str, dict]:
-    """(backbone name, constructor kwargs without the dataset sizes) from a teacher/student section."""
-    name = role.get("backbone")
-    if name not in BACKBONES:
-        raise ParamsError(f"params.yaml: {where}.backbone = {name!r}; expected one of {sorted(BACKBONES)}")
-    kwargs = kwargs_for(BACKBONES[name].__init__, role.get("model"), f"{where}.model", skip=("n_users", "n_items"))
-    return name, kwargs
+ROLES = ("teacher", "student")
 
 
-def build_model(name: str, kwargs: dict, splits: Splits, *, seed: int) -> tuple[torch.nn.Module, dict]:
+@dataclass(frozen=True)
+class ModelSpec:
+    """One `backbones.<name>.<role>` section of params.yaml, checked."""
+
+    backbone: str
+    role: str
+    model: dict  # constructor kwargs without the dataset sizes
+    weight_decay: float
+    batch_size: int | None  # overrides train.batch_size (HSTU counts sequences, not pairs)
+
+
+def model_spec(all_params: dict, backbone: str, role: str, params: Path) -> ModelSpec:
+    """The checked `backbones.<backbone>.<role>` section."""
+    if backbone not in BACKBONES:
+        raise ParamsError(f"backbone {backbone!r}; expected one of {sorted(BACKBONES)}")
+    where = f"backbones.{backbone}.{role}"
+    values = dict(section(all_params, where, params) or {})
+    unknown = sorted(set(values) - {"model", "weight_decay", "batch_size"})
+    if unknown:
+        raise ParamsError(f"{params}: unknown parameter(s) {', '.join(f'{where}.{k}' for k in unknown)} (valid: model, weight_decay, batch_size)")
+    model = kwargs_for(BACKBONES[backbone].__init__, values.get("model"), f"{where}.model", skip=("n_users", "n_items"))
+    decay = values.get("weight_decay", 0.0)
+    if not isinstance(decay, (int, float)) or isinstance(decay, bool) or decay < 0:
+        raise ParamsError(f"{params}: {where}.weight_decay = {decay!r}; expected a number >= 0")
+    batch = values.get("batch_size")
+    if batch is not None and (not isinstance(batch, int) or batch < 1):
+        raise ParamsError(f"{params}: {where}.batch_size = {batch!r}; expected an integer >= 1")
+    return ModelSpec(backbone, role, model, float(decay), batch)
+
+
+def build_model(spec: ModelSpec, splits: Splits, *, seed: int) -> tuple[torch.nn.Module, dict]:
     """The backbone with its initial weights drawn from the run's seed; also the full kwargs to save."""
     torch.manual_seed(seed)
-    full = {"n_users": splits.n_users, "n_items": splits.n_items, **kwargs}
-    return BACKBONES[name](**full), full
+    full = {"n_users": splits.n_users, "n_items": splits.n_items, **spec.model}
+    return BACKBONES[spec.backbone](**full).bind(splits.train), full
 
 
-def training_options(all_params: dict, role: dict, where: str, params: Path) -> dict:
-    """Keyword arguments of `fit` from the shared `train` section plus the role's weight_decay."""
-    train = kwargs_for(fit, section(all_params, "train", params), "train", skip=("weight_decay", "seed", "device", "kd", "kd_weight", "kd_reduction", "history_path", "log"))
-    if not isinstance(role.get("weight_decay"), (int, float)) or role["weight_decay"] < 0:
-        raise ParamsError(f"{params}: {where}.weight_decay = {role.get('weight_decay')!r}; expected a number >= 0")
+def write_timing(path: Path | None, history: list[dict]) -> None:
+    """Seconds per epoch (total, per-epoch preparation, training steps) as a CSV for `dvc plots`."""
+    if path is not None:
+        columns = ("epoch", "epoch_seconds", "prep_seconds", "train_seconds")
+        write_history(path, [{key: row[key] for key in columns} for row in history])
+
+
+def training_options(all_params: dict, spec: ModelSpec, params: Path) -> dict:
+    """Keyword arguments of `fit` from the shared `train` section plus the backbone role's own."""
+    skip = ("weight_decay", "seed", "device", "kd", "kd_weight", "kd_reduction", "history_path", "log")
+    train = kwargs_for(fit, section(all_params, "train", params), "train", skip=skip)
     for key in ("batch_size", "max_epochs", "patience"):
         if not isinstance(train[key], int) or train[key] < 1:
             raise ParamsError(f"{params}: train.{key} = {train[key]!r}; expected an integer >= 1")
-    return {**train, "weight_decay": float(role["weight_decay"]), "seed": int(section(all_params, "seed", params))}
+    if spec.batch_size is not None:
+        train["batch_size"] = spec.batch_size
+    return {**train, "weight_decay": spec.weight_decay, "seed": int(section(all_params, "seed", params))}

@@ -13,7 +13,7 @@ from rcekd.io import file_sha256
 from rcekd.kd import METHODS, KDContext
 from rcekd.sparse import UserItems
 from rcekd.train import fit, resolve_device
-from stages.common import build_model, log, model_spec, training_options
+from stages.common import build_model, log, model_spec, training_options, write_timing
 from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
 
 LOOP_KEYS = ("weight", "reduction")  # kd.<method> keys read by the loop, not by the method
@@ -21,32 +21,30 @@ LOOP_KEYS = ("weight", "reduction")  # kd.<method> keys read by the loop, not by
 
 def main(
     method: str = typer.Option(..., help=f"Distillation method: one of {', '.join(METHODS)}."),
+    student: str = typer.Option(..., help="Student backbone: a key of `backbones` in params.yaml (mf, lightgcn, hstu)."),
     data: Path = typer.Option(..., help="Processed dataset directory (from preprocess)."),
     cache: Path = typer.Option(..., help="Teacher cache directory (from cache_teacher)."),
     teacher: Path = typer.Option(None, help="Teacher checkpoint: when given, the cache must have been made from it."),
     out: Path = typer.Option(..., help="Output student checkpoint of the best validation epoch."),
     history: Path = typer.Option(..., help="Output per-epoch history CSV (DVC plots)."),
+    timing: Path = typer.Option(None, help="Output CSV of seconds per epoch (DVC plots)."),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Train a student (params: seed, device, train, student, kd.<method>)."""
+    """Train a student with a distillation method (params: seed, device, train, backbones.<student>.student, kd.<method>)."""
     try:
         if method not in METHODS:
             raise ParamsError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         all_params = load_params(params)
-        role = section(all_params, "student", params)
-        backbone, model_kwargs = model_spec(role, "student")
-        options = training_options(all_params, role, "student", params)
+        spec = model_spec(all_params, student, "student", params)
+        options = training_options(all_params, spec, params)
         kd_params = dict(section(all_params, f"kd.{method}", params) or {})
         loop = {key: kd_params.pop(key) for key in LOOP_KEYS if key in kd_params}
         kd_class = METHODS[method]
-        if kd_class is not None:
-            kwargs_for(kd_class.__init__, kd_params, f"kd.{method}")
-            if not isinstance(loop.get("weight"), (int, float)) or loop["weight"] < 0:
-                raise ParamsError(f"{params}: kd.{method}.weight = {loop.get('weight')!r}; expected a number >= 0")
-            if loop.get("reduction", "users") not in ("users", "rows"):
-                raise ParamsError(f"{params}: kd.{method}.reduction = {loop['reduction']!r}; expected 'users' or 'rows'")
-        elif kd_params or loop:
-            raise ParamsError(f"{params}: kd.{method} takes no parameters, got {sorted(kd_params) + sorted(loop)}")
+        kwargs_for(kd_class.__init__, kd_params, f"kd.{method}")
+        if not isinstance(loop.get("weight"), (int, float)) or loop["weight"] < 0:
+            raise ParamsError(f"{params}: kd.{method}.weight = {loop.get('weight')!r}; expected a number >= 0")
+        if loop.get("reduction", "users") not in ("users", "rows"):
+            raise ParamsError(f"{params}: kd.{method}.reduction = {loop['reduction']!r}; expected 'users' or 'rows'")
         for key in ("k", "l"):
             if key in kd_params and not 0 < kd_params[key]:
                 raise ParamsError(f"{params}: kd.{method}.{key} = {kd_params[key]!r}; expected > 0")
@@ -55,25 +53,24 @@ def main(
         for key in ("k", "l"):
             if kd_params.get(key, 0) > splits.n_items:
                 raise ParamsError(f"{params}: kd.{method}.{key} = {kd_params[key]} exceeds the {splits.n_items} items")
-        kd, teacher_sha256 = None, None
-        if kd_class is not None:
-            expected = file_sha256(teacher) if teacher is not None else None
-            scores = TeacherCache(cache, splits=splits, device=device, chunk=options["eval_chunk"], teacher_sha256=expected)
-            train_items = UserItems(splits.train, splits.n_users, splits.n_items, device)
-            context = KDContext(scores, train_items, splits.n_users, splits.n_items, device, options["eval_chunk"])
-            kd = kd_class(context, **kd_params)
-            teacher_sha256 = scores.meta["teacher_sha256"]
+        expected = file_sha256(teacher) if teacher is not None else None
+        scores = TeacherCache(cache, splits=splits, device=device, chunk=options["eval_chunk"], teacher_sha256=expected)
+        train_items = UserItems(splits.train, splits.n_users, splits.n_items, device)
+        context = KDContext(scores, train_items, splits.n_users, splits.n_items, device, options["eval_chunk"])
+        kd = kd_class(context, **kd_params)
+        teacher_sha256 = scores.meta["teacher_sha256"]
     except (ParamsError, ValueError, FileNotFoundError) as err:
         fail(err)
-    model, kwargs = build_model(backbone, model_kwargs, splits, seed=options["seed"])
-    log(f"distill {method}: student {backbone} {model_kwargs} on {splits.name} ({device}) {kd_params} {loop}")
+    model, kwargs = build_model(spec, splits, seed=options["seed"])
+    log(f"distill {method}: student {student} {spec.model} on {splits.name} ({device}) {kd_params} {loop}")
     result = fit(
         model, splits, kd=kd, kd_weight=float(loop.get("weight", 0.0)), kd_reduction=loop.get("reduction", "users"),
         device=device, history_path=history, **options,
     )
+    write_timing(timing, result.history)
     save_checkpoint(
         out,
-        backbone=backbone,
+        backbone=student,
         kwargs=kwargs,
         state=result.best_state,
         meta={

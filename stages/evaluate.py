@@ -32,7 +32,7 @@ def main(
             raise ParamsError(f"{params}: evaluate.exclude_valid_in_test = {exclude_valid!r}; expected true or false")
         device = resolve_device(section(all_params, "device", params))
         splits = load_splits(data)
-        model, meta = load_checkpoint(checkpoint, split_fingerprint=splits.fingerprint, device=device)
+        model, meta = load_checkpoint(checkpoint, splits=splits, device=device)
     except (ParamsError, ValueError, FileNotFoundError) as err:
         fail(err)
     known = {name: UserItems(splits.pairs(name), splits.n_users, splits.n_items, device) for name in ("train", "valid", "test")}

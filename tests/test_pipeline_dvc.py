@@ -21,8 +21,14 @@ SMALL = {
     ("train", "max_epochs"): 4,
     ("train", "patience"): 3,
     ("train", "eval_chunk"): 256,
-    ("teacher", "model", "dim"): 32,
-    ("student", "model", "dim"): 8,
+    ("backbones", "mf", "teacher", "model", "dim"): 32,
+    ("backbones", "mf", "student", "model", "dim"): 8,
+    ("backbones", "lightgcn", "teacher", "model", "dim"): 32,
+    ("backbones", "lightgcn", "student", "model", "dim"): 8,
+    ("backbones", "hstu", "teacher", "model"): {"dim": 16, "blocks": 2, "heads": 2, "max_len": 20, "negatives": 64},
+    ("backbones", "hstu", "student", "model"): {"dim": 8, "blocks": 1, "heads": 1, "max_len": 20, "negatives": 64},
+    ("grid", "teachers"): ["mf", "lightgcn", "hstu"],
+    ("grid", "students"): ["mf", "lightgcn", "hstu"],
     ("cache", "topk"): 20,
     ("kd", "ce", "k"): 10,
     ("kd", "rcekd", "k"): 10,
@@ -69,16 +75,28 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
+BACKBONES = ("mf", "lightgcn", "hstu")
+
+
 def test_repro_builds_every_run(repo: Path) -> None:
     output = run(["dvc", "repro"], repo)
-    assert {"preprocess", "train_teacher", "cache_teacher", "distill@rcekd", "report"} <= ran_stages(output)
+    expected = {"preprocess", "report"}
+    for backbone in BACKBONES:
+        expected |= {f"train_teacher@{backbone}", f"cache_teacher@{backbone}", f"train_student@{backbone}"}
+    expected |= {f"distill@{t}-{s}-{m}" for t in BACKBONES for s in BACKBONES for m in ("ce", "rcekd")}
+    assert expected <= ran_stages(output)
     metrics = repo / "artifacts/metrics/citeulike"
-    for name in ("teacher_mf", "mf_to_mf/none", "mf_to_mf/ce", "mf_to_mf/rcekd"):
+    names = [f"{role}_{b}" for role in ("teacher", "student") for b in BACKBONES]
+    names += [f"{t}_to_{s}/{m}" for t in BACKBONES for s in BACKBONES for m in ("ce", "rcekd")]
+    for name in names:
         record = json.loads((metrics / f"{name}.json").read_text())
         assert set(record["test"]) == {"recall@10", "ndcg@10", "recall@20", "ndcg@20"}
         assert 0.0 <= record["test"]["ndcg@20"] <= 1.0
     table = (repo / "artifacts/citeulike/results.md").read_text()
-    assert "mf_to_mf/rcekd" in table and "teacher_mf" in table
+    assert all(f"| {name} |" in table for name in names), table
+    for backbone in BACKBONES:  # a curve and seconds per epoch for every teacher
+        timing = (repo / f"artifacts/citeulike/teacher_{backbone}/timing.csv").read_text().splitlines()
+        assert timing[0] == "epoch,epoch_seconds,prep_seconds,train_seconds" and len(timing) == 1 + 4
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "results"], repo)
@@ -87,15 +105,16 @@ def test_repro_builds_every_run(repo: Path) -> None:
 def test_exp_run_reruns_only_the_changed_method(repo: Path) -> None:
     output = run(["dvc", "exp", "run", "-S", "kd.rcekd.weight=100"], repo)
     ran = ran_stages(output)
-    assert {"distill@rcekd", "evaluate@rcekd"} <= ran, output
-    assert ran <= {"distill@rcekd", "evaluate@rcekd", "report"}, ran
+    rcekd_cells = {f"{stage}@{t}-{s}-rcekd" for stage in ("distill", "evaluate") for t in BACKBONES for s in BACKBONES}
+    assert rcekd_cells <= ran, output
+    assert ran <= rcekd_cells | {"report"}, ran
 
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo))
     changed = diff["artifacts/metrics/citeulike/mf_to_mf/rcekd.json"]
     assert any(entry.get("diff") not in (None, 0) for entry in changed.values()), changed
-    assert "artifacts/metrics/citeulike/mf_to_mf/none.json" not in diff or not any(
-        entry.get("diff") for entry in diff["artifacts/metrics/citeulike/mf_to_mf/none.json"].values()
-    )
+    for unchanged in ("student_mf", "mf_to_mf/ce"):
+        path = f"artifacts/metrics/citeulike/{unchanged}.json"
+        assert path not in diff or not any(entry.get("diff") for entry in diff[path].values())
     assert "kd.rcekd.weight" in run(["dvc", "exp", "show", "--no-pager", "--csv"], repo)
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rcekd.backbones.base import PairwiseBPR
 
-class MF(nn.Module):
+
+class MF(PairwiseBPR):
     def __init__(self, *, n_users: int, n_items: int, dim: int, init_std: float = 0.01):
-        super().__init__()
+        super().__init__(n_users, n_items)
         self.user_emb = nn.Embedding(n_users, dim)
         self.item_emb = nn.Embedding(n_items, dim)
         nn.init.normal_(self.user_emb.weight, std=init_std)

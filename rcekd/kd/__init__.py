@@ -3,7 +3,7 @@
 A method is built from a KDContext plus its own keyword parameters (params.yaml kd.<name>), and
 gives the training loop two things: `prepare_epoch(student, generator)` (per-epoch sampling, returns
 stats to log) and `loss(users, user_vecs, item_table)` whose "kd" entry is a per-user loss [B].
-`none` is the student trained alone: no method object at all.
+The student trained alone is no method: it is `rcekd train --role student` (the train stage).
 """
 
 from rcekd.kd.ce import VanillaCE
@@ -11,7 +11,6 @@ from rcekd.kd.common import KDContext
 from rcekd.kd.rcekd import RCEKD
 
 METHODS = {
-    "none": None,
     "ce": VanillaCE,
     "rcekd": RCEKD,
 }

@@ -1,0 +1,56 @@
+"""Stage 2: train a backbone without distillation, as a teacher or as the student alone, with early
+stopping on validation NDCG@20; save the best checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from rcekd.checkpoint import save_checkpoint
+from rcekd.data import load_splits
+from rcekd.train import fit, resolve_device
+from stages.common import ROLES, build_model, log, model_spec, training_options, write_timing
+from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
+
+
+def main(
+    backbone: str = typer.Option(..., help="Backbone: a key of `backbones` in params.yaml (mf, lightgcn, hstu)."),
+    role: str = typer.Option("teacher", help="teacher (the large instance) or student (the small one, trained alone)."),
+    data: Path = typer.Option(..., help="Processed dataset directory (from preprocess)."),
+    out: Path = typer.Option(..., help="Output checkpoint of the best validation epoch."),
+    history: Path = typer.Option(..., help="Output per-epoch history CSV (DVC plots)."),
+    timing: Path = typer.Option(None, help="Output CSV of seconds per epoch (DVC plots)."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Train a teacher, or a student alone (params: seed, device, train, backbones.<backbone>.<role>)."""
+    try:
+        if role not in ROLES:
+            raise ParamsError(f"--role {role!r}; expected one of {', '.join(ROLES)}")
+        all_params = load_params(params)
+        spec = model_spec(all_params, backbone, role, params)
+        options = training_options(all_params, spec, params)
+        device = resolve_device(section(all_params, "device", params))
+        splits = load_splits(data)
+    except (ParamsError, ValueError, FileNotFoundError) as err:
+        fail(err)
+    model, kwargs = build_model(spec, splits, seed=options["seed"])
+    log(f"{role} {backbone} {spec.model} on {splits.name} ({device}): {splits.n_users} users, {splits.n_items} items")
+    result = fit(model, splits, device=device, history_path=history, **options)
+    write_timing(timing, result.history)
+    save_checkpoint(
+        out,
+        backbone=backbone,
+        kwargs=kwargs,
+        state=result.best_state,
+        meta={
+            "role": role,
+            "method": None if role == "teacher" else "none",
+            "split_fingerprint": splits.fingerprint,
+            "seed": options["seed"],
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "best_valid": result.best_valid,
+        },
+    )
+    log(f"{role} {backbone}: best validation NDCG@20 {result.best_valid.get('ndcg@20', float('nan')):.4f} at epoch {result.best_epoch}")

@@ -1,0 +1,159 @@
+"""LightGCN's graph and propagation, HSTU's causality, padding invariance and scores: against hand
+or direct computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rcekd.backbones import HSTU, LightGCN
+from rcekd.backbones.hstu import last_items
+from rcekd.backbones.lightgcn import normalized_adjacency
+from rcekd.evaluate import score_chunks
+
+TINY = np.array([[0, 0], [0, 1], [1, 1], [1, 2]])  # 2 users, 3 items
+
+
+def dense_adjacency(train, n_users, n_items) -> np.ndarray:
+    indptr, indices, values = normalized_adjacency(train, n_users, n_items)
+    size = n_users + n_items
+    dense = np.zeros((size, size))
+    for row in range(size):
+        dense[row, indices[indptr[row] : indptr[row + 1]]] = values[indptr[row] : indptr[row + 1]]
+    return dense
+
+
+def test_normalized_adjacency_by_hand() -> None:
+    """Degrees: u0 = u1 = 2, i0 = 1, i1 = 2, i2 = 1; Â[u, i] = 1 / sqrt(d_u d_i), nodes u0 u1 i0 i1 i2."""
+    h, r = 1 / np.sqrt(2), 0.5
+    expected = np.array(
+        [
+            [0, 0, h, r, 0],
+            [0, 0, 0, r, h],
+            [h, 0, 0, 0, 0],
+            [r, r, 0, 0, 0],
+            [0, h, 0, 0, 0],
+        ]
+    )
+    np.testing.assert_allclose(dense_adjacency(TINY, 2, 3), expected, rtol=1e-6)
+    # a repeated pair counts once; an item nobody trained on is an isolated node (zero row)
+    np.testing.assert_allclose(dense_adjacency(np.vstack([TINY, TINY[:1]]), 2, 4)[:5, :5], expected, rtol=1e-6)
+    assert not dense_adjacency(TINY, 2, 4)[5].any()
+
+
+def test_propagation_is_the_mean_of_layers() -> None:
+    torch.manual_seed(0)
+    model = LightGCN(n_users=2, n_items=3, dim=4, layers=3).bind(TINY)
+    adjacency = dense_adjacency(TINY, 2, 3)
+    layer = np.concatenate([model.user_emb.weight.detach().numpy(), model.item_emb.weight.detach().numpy()]).astype(np.float64)
+    layers = [layer]
+    for _ in range(3):
+        layers.append(adjacency @ layers[-1])
+    expected = np.mean(layers, axis=0)
+    users, items = model.encode(torch.tensor([1, 0]))
+    np.testing.assert_allclose(users.detach().numpy(), expected[[1, 0]], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(items.detach().numpy(), expected[2:], rtol=1e-5, atol=1e-7)
+
+
+def test_propagation_gradient_matches_dense() -> None:
+    """The sparse backward (Â symmetric) gives the gradient of the dense computation."""
+    torch.manual_seed(0)
+    model = LightGCN(n_users=2, n_items=3, dim=4, layers=2).bind(TINY)
+    weight = torch.randn(5, 4)
+    (model.propagate() * weight).sum().backward()
+    adjacency = torch.tensor(dense_adjacency(TINY, 2, 3), dtype=torch.float32)
+    ego = torch.cat([model.user_emb.weight, model.item_emb.weight]).detach().requires_grad_()
+    ((ego + adjacency @ ego + adjacency @ adjacency @ ego) / 3 * weight).sum().backward()
+    np.testing.assert_allclose(model.user_emb.weight.grad.numpy(), ego.grad[:2].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(model.item_emb.weight.grad.numpy(), ego.grad[2:].numpy(), rtol=1e-5)
+
+
+def test_one_propagation_per_training_step(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = LightGCN(n_users=2, n_items=3, dim=4).bind(TINY)
+    calls = []
+    original = model.propagate
+    monkeypatch.setattr(model, "propagate", lambda: calls.append(1) or original())
+    batch = next(model.training_batches(4, torch.Generator().manual_seed(0)))
+    step = model.batch_loss(batch, weight_decay=0.0)
+    assert len(calls) == 1 and step.item_table.shape == (3, 4)
+    model.eval()
+    for _ in score_chunks(model, 2, exclude=[], chunk=1, device=torch.device("cpu")):
+        pass
+    assert len(calls) == 2  # two chunks of users, one propagation in eval mode
+
+
+def test_last_items_left_padded_in_time_order() -> None:
+    train = np.array([[1, 5], [0, 2], [1, 6], [0, 3], [1, 7], [0, 4], [0, 1]])  # each user's rows in time order
+    np.testing.assert_array_equal(last_items(train, 3, 3, pad=9), [[3, 4, 1], [5, 6, 7], [9, 9, 9]])
+
+
+def hstu(**kwargs) -> HSTU:
+    torch.manual_seed(0)
+    model = HSTU(n_users=3, n_items=20, **{"dim": 16, "blocks": 2, "heads": 2, "max_len": 8, **kwargs})
+    with torch.no_grad():  # non-zero biases, so that a bug in the relative positions would show
+        for block in model.blocks:
+            block.rel_bias.normal_()
+    return model.eval()
+
+
+def test_hstu_is_causal() -> None:
+    model = hstu()
+    seq = torch.tensor([[3, 7, 1, 12, 5, 9]])
+    base = model(seq)
+    for t in range(1, 6):
+        changed = seq.clone()
+        changed[0, t] = 19
+        out = model(changed)
+        torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=1e-6)  # earlier positions never move
+        assert not torch.allclose(out[:, t], base[:, t])
+
+
+def test_hstu_left_padding_does_not_change_the_output() -> None:
+    model = hstu()
+    seq = torch.tensor([[3, 7, 1, 12]])
+    padded = torch.tensor([[20, 20, 20, 3, 7, 1, 12]])  # 20 = the padding id (n_items)
+    torch.testing.assert_close(model(padded)[:, 3:], model(seq), rtol=0, atol=1e-5)
+
+
+def test_hstu_scores_are_the_last_position_times_the_normalised_items() -> None:
+    model = hstu(temperature=0.05)
+    train = np.array([[0, 3], [0, 7], [1, 4], [0, 1], [2, 9], [1, 2]])
+    model.bind(train)
+    users = torch.arange(3)
+    (_, _, scores), = list(score_chunks(model, 3, exclude=[], chunk=3, device=torch.device("cpu")))
+    last = torch.stack([model(torch.tensor([s]))[0, -1] for s in ([3, 7, 1], [4, 2], [9])])
+    items = F.normalize(model.item_emb.weight[:20], dim=-1)
+    torch.testing.assert_close(scores, last @ items.T / 0.05, rtol=1e-5, atol=1e-5)
+    model.use_raw_cosine()
+    user_vecs, table = model.encode(users)
+    cosine = user_vecs @ table.T
+    torch.testing.assert_close(cosine, last @ items.T, rtol=1e-5, atol=1e-6)
+    assert cosine.abs().max() <= 1 + 1e-6
+
+
+def test_hstu_sampled_softmax_by_hand() -> None:
+    """The base loss is −log softmax over [positive, negatives] of cosine / temperature, averaged
+    over the positions that have a next item; users with one item contribute none."""
+    model = hstu(negatives=4, dropout=0.0).bind(np.array([[0, 3], [0, 7], [0, 1], [1, 4]]))
+    negatives = torch.tensor([5, 7, 11, 2])
+    step = model.batch_loss((torch.tensor([1, 0]), negatives), weight_decay=0.0)
+    out = model(torch.tensor([[3, 7, 1]]))[0]
+    items = F.normalize(model.item_emb.weight[:20], dim=-1)
+    losses = []
+    for t, target in ((0, 7), (1, 1)):
+        logits = torch.cat([out[t] @ items[[target]].T, out[t] @ items[negatives].T]) / 0.05
+        if target == 7:
+            logits[2] = float("-inf")  # a negative equal to the target is left out
+        losses.append(-F.log_softmax(logits, 0)[0])
+    torch.testing.assert_close(step.base, torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
+    assert step.users.tolist() == [0, 1] and step.rows.tolist() == [2, 0]
+
+
+def test_backbones_need_their_training_pairs() -> None:
+    with pytest.raises(RuntimeError, match="bind"):
+        LightGCN(n_users=2, n_items=3, dim=4).propagate()
+    with pytest.raises(ValueError, match="exceed"):
+        HSTU(n_users=1, n_items=3).bind(TINY)
