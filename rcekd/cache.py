@@ -134,6 +134,11 @@ class TeacherCache:
         """Teacher scores of users [start, end) for all items: [end - start, I]."""
         return torch.from_numpy(np.array(self.scores[start:end])).to(self.device)
 
+    def rows_of(self, users: torch.Tensor) -> torch.Tensor:
+        """Teacher scores of the given users for all items: [B, I] (a batch's users, any order)."""
+        index = users.cpu().numpy()
+        return torch.from_numpy(np.asarray(self.scores[index])).to(self.device)
+
     def gather(self, items: torch.Tensor) -> torch.Tensor:
         """Teacher scores of (u, items[u, n]) for every user u: [U, N], read in chunks of users."""
         out = torch.empty(items.shape, dtype=torch.float32, device=self.device)

@@ -20,7 +20,7 @@ LOOP_KEYS = ("weight", "reduction")  # kd.<method> keys read by the loop, not by
 
 
 def main(
-    method: str = typer.Option(..., help=f"Distillation method: one of {', '.join(METHODS)}."),
+    method: str = typer.Option(..., help=f"A section of `kd` in params.yaml: a method ({', '.join(METHODS)}) or a variant naming one with `method:`."),
     student: str = typer.Option(..., help="Student backbone: a key of `backbones` in params.yaml (mf, lightgcn, hstu)."),
     data: Path = typer.Option(..., help="Processed dataset directory (from preprocess)."),
     cache: Path = typer.Option(..., help="Teacher cache directory (from cache_teacher)."),
@@ -32,14 +32,17 @@ def main(
 ) -> None:
     """Train a student with a distillation method (params: seed, device, train, backbones.<student>.student, kd.<method>)."""
     try:
-        if method not in METHODS:
-            raise ParamsError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         all_params = load_params(params)
         spec = model_spec(all_params, student, "student", params)
         options = training_options(all_params, spec, params)
         kd_params = dict(section(all_params, f"kd.{method}", params) or {})
         loop = {key: kd_params.pop(key) for key in LOOP_KEYS if key in kd_params}
-        kd_class = METHODS[method]
+        registered = kd_params.pop("method", method)
+        if registered not in METHODS:
+            raise ParamsError(
+                f"{params}: kd.{method} names no method: add `method: <one of {', '.join(METHODS)}>` to the section"
+            )
+        kd_class = METHODS[registered]
         kwargs_for(kd_class.__init__, kd_params, f"kd.{method}")
         if not isinstance(loop.get("weight"), (int, float)) or loop["weight"] < 0:
             raise ParamsError(f"{params}: kd.{method}.weight = {loop.get('weight')!r}; expected a number >= 0")

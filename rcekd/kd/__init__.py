@@ -6,12 +6,22 @@ stats to log) and `loss(users, user_vecs, item_table)` whose "kd" entry is a per
 The student trained alone is no method: it is `rcekd train --role student` (the train stage).
 """
 
+from rcekd.kd.cd import CD
 from rcekd.kd.ce import VanillaCE
 from rcekd.kd.common import KDContext
+from rcekd.kd.full_ce import FullCE
 from rcekd.kd.rcekd import RCEKD
+from rcekd.kd.rrd import RRD
+from rcekd.kd.sld import SLD
+from rcekd.kd.unkd import UnKD
 
 METHODS = {
     "ce": VanillaCE,
+    "full_ce": FullCE,
+    "cd": CD,
+    "rrd": RRD,
+    "sld": SLD,
+    "unkd": UnKD,
     "rcekd": RCEKD,
 }
 

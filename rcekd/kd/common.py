@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from rcekd.cache import TeacherCache
+from rcekd.evaluate import score_chunks
 from rcekd.sparse import UserItems
 
 
@@ -47,3 +50,67 @@ def soft_ce(
 def pair_scores(user_vecs: torch.Tensor, item_table: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """Scores of each user against its own item list: [B, D] × items [B, N] → [B, N]."""
     return torch.einsum("bd,bnd->bn", user_vecs, item_table[items])
+
+
+@torch.no_grad()
+def student_top(student: nn.Module, ctx: KDContext, k: int, *, exclude_train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's top-k items [U, k] and scores [U, k], best first, from its full ranking."""
+    items, scores = [], []
+    exclude = [ctx.train] if exclude_train else []
+    for _, _, block in score_chunks(student, ctx.n_users, exclude=exclude, chunk=ctx.chunk, device=ctx.device):
+        top = block.topk(k, dim=1)
+        items.append(top.indices)
+        scores.append(top.values)
+    return torch.cat(items), torch.cat(scores)
+
+
+def rank_decay(n: int, temperature: float, device: torch.device, *, offset: float = 0.0) -> torch.Tensor:
+    """Sampling weights exp(−(k + offset) / temperature) of ranks k = 0..n−1."""
+    return torch.exp(-(torch.arange(n, dtype=torch.float32, device=device) + offset) / temperature)
+
+
+def sample_positions(
+    weights: torch.Tensor, rows: int, n: int, *, replacement: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """[rows, n] positions drawn from `weights` [M] (or per row [rows, M]); without replacement they
+    are distinct within a row and returned in increasing order (the list's own order)."""
+    if weights.dim() == 1:
+        weights = weights.expand(rows, -1)
+    picks = torch.multinomial(weights, n, replacement=replacement, generator=generator)
+    return picks if replacement else picks.sort(1).values
+
+
+def uniform_excluding(
+    users: torch.Tensor, n: int, n_items: int, forbidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """[len(users), n] uniform items with forbidden(users, items) False (vectorised rejection)."""
+    rows = users[:, None].expand(-1, n)
+    items = torch.randint(n_items, rows.shape, generator=generator, device=users.device)
+    bad = forbidden(rows, items)
+    while bad.any():
+        items[bad] = torch.randint(n_items, (int(bad.sum()),), generator=generator, device=users.device)
+        bad[bad.clone()] = forbidden(rows[bad], items[bad])
+    return items
+
+
+def sets_of(lists: torch.Tensor, n_items: int) -> UserItems:
+    """Row u of lists [U, M] as user u's item set, for membership tests."""
+    users = torch.arange(len(lists), device=lists.device)[:, None].expand_as(lists)
+    pairs = torch.stack([users.flatten(), lists.flatten()], 1).cpu().numpy()
+    return UserItems(pairs, len(lists), n_items, lists.device)
+
+
+def list_nll(
+    list_scores: torch.Tensor, below_scores: torch.Tensor, *, list_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Plackett–Luce negative log-likelihood of ranking the list (in its given order) above `below`:
+    −Σ_k [ s_k − log(Σ_{l≥k} exp s_l + Σ_j exp b_j) ] per row (RRD's loss). [B, K], [B, L] → [B].
+    Entries with list_mask False are left out of the list."""
+    if list_mask is not None:
+        list_scores = list_scores.masked_fill(~list_mask, float("-inf"))
+    suffix = torch.logcumsumexp(list_scores.flip(1), dim=1).flip(1)  # log Σ_{l≥k} exp s_l
+    terms = list_scores - torch.logaddexp(suffix, torch.logsumexp(below_scores, dim=1, keepdim=True))
+    if list_mask is not None:
+        terms = torch.where(list_mask, terms, torch.zeros_like(terms))
+    return -terms.sum(1)

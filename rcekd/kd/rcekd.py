@@ -11,6 +11,10 @@ The authors' code differs in places (../shared/docs/METHODS.md §5); each is an 
   sampling="code": pool = the student's top-M positions, without replacement, z counting all of Q^T
   and capped at z_cap; gamma_from="sampled": γ from |Q^T ∩ sampled| / K; keep_train_items: the
   user's training items stay in the teacher's and student's lists.
+Ablations (paper §6.4, App. C.5), options too: variant = wo_sep (one CE on A^u ∪ Q^S), wo_s (CE on
+Q^T only), wo_t (CE on Q^S only); gamma_shape = linear (γ_u = 1 − s_u) instead of exponential;
+gamma_schedule = constant (γ = gamma_value), decreasing (global γ from 1 to 0 over schedule_epochs)
+or increasing (0 to 1) instead of per_user.
 """
 
 from __future__ import annotations
@@ -42,9 +46,15 @@ def rank_above_counts(scores: torch.Tensor, ref_items: torch.Tensor, ref_mask: t
     return torch.searchsorted(ref_scores.sort(1).values, scores.contiguous(), side="left", out_int32=True)
 
 
-def mixing_weight(overlap: torch.Tensor, *, beta: float) -> torch.Tensor:
-    """γ_u = exp(−β · s_u) with s_u the overlap share in [0, 1]."""
-    return torch.exp(-beta * overlap)
+def mixing_weight(overlap: torch.Tensor, *, beta: float, shape: str = "exponential") -> torch.Tensor:
+    """γ_u = exp(−β · s_u) (or 1 − s_u when linear) with s_u the overlap share in [0, 1]."""
+    return torch.exp(-beta * overlap) if shape == "exponential" else 1.0 - overlap
+
+
+def scheduled_gamma(schedule: str, epoch: int, *, epochs: int, value: float) -> float:
+    """The global γ of a schedule at `epoch` (1-based): constant, or linear over `epochs` epochs."""
+    progress = min((epoch - 1) / max(epochs - 1, 1), 1.0)
+    return {"constant": value, "decreasing": 1.0 - progress, "increasing": progress}[schedule]
 
 
 def dedupe_rows(items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -72,7 +82,23 @@ class RCEKD:
         z_cap: float = 50.0,
         gamma_from: str = "overlap",
         keep_train_items: bool = False,
+        variant: str = "full",
+        gamma_shape: str = "exponential",
+        gamma_schedule: str = "per_user",
+        gamma_value: float = 0.5,
+        schedule_epochs: int = 100,
     ):
+        for name, value, allowed in (
+            ("variant", variant, ("full", "wo_sep", "wo_s", "wo_t")),
+            ("gamma_shape", gamma_shape, ("exponential", "linear")),
+            ("gamma_schedule", gamma_schedule, ("per_user", "constant", "decreasing", "increasing")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"kd.rcekd.{name} = {value!r}: expected one of {', '.join(allowed)}")
+        if not 0 <= gamma_value <= 1:
+            raise ValueError(f"kd.rcekd.gamma_value = {gamma_value}: expected 0..1")
+        self.variant, self.gamma_shape, self.gamma_schedule = variant, gamma_shape, gamma_schedule
+        self.gamma_value, self.schedule_epochs, self.epoch = gamma_value, schedule_epochs, 0
         if sampling not in ("paper", "code"):
             raise ValueError(f"kd.rcekd.sampling = {sampling!r}: expected 'paper' or 'code'")
         if gamma_from not in ("overlap", "sampled"):
@@ -85,11 +111,15 @@ class RCEKD:
         self.sampling, self.pool_top_m, self.z_cap = sampling, pool_top_m, z_cap
         self.gamma_from = gamma_from
         self.exclude = [] if keep_train_items else [ctx.train]
-        self.teacher_items, _ = ctx.teacher.topk(k, exclude=None if keep_train_items else ctx.train)  # Q^T [U, K]
+        self.teacher_items, teacher_logits = ctx.teacher.topk(k, exclude=None if keep_train_items else ctx.train)  # Q^T [U, K]
+        self.teacher_logits = teacher_logits if variant == "wo_s" else None
 
     @torch.no_grad()
     def prepare_epoch(self, student: nn.Module, generator: torch.Generator) -> dict[str, float]:
         ctx, k, l = self.ctx, self.k, self.l
+        self.epoch += 1
+        if self.variant == "wo_s":  # CE on the fixed Q^T: nothing to prepare
+            return {}
         self.student_items = torch.empty(ctx.n_users, k, dtype=torch.long, device=ctx.device)  # Q^S
         self.student_teacher_logits = torch.empty(ctx.n_users, k, device=ctx.device)
         self.set_items = torch.empty(ctx.n_users, k + l, dtype=torch.long, device=ctx.device)  # A^u
@@ -112,8 +142,10 @@ class RCEKD:
             self.set_items[start:end] = a_items
             self.set_mask[start:end] = torch.cat([~in_qs, sampled_ok], 1)
             self.set_teacher_logits[start:end] = teacher_rows.gather(1, a_items)
-            self.gamma[start:end] = mixing_weight(overlap, beta=self.beta)
+            self.gamma[start:end] = mixing_weight(overlap, beta=self.beta, shape=self.gamma_shape)
             overlap_sum += float(in_qs.float().mean(1).sum())
+        if self.gamma_schedule != "per_user":
+            self.gamma.fill_(scheduled_gamma(self.gamma_schedule, self.epoch, epochs=self.schedule_epochs, value=self.gamma_value))
         return {"overlap": overlap_sum / ctx.n_users, "gamma": float(self.gamma.mean())}
 
     def _sample(
@@ -139,6 +171,15 @@ class RCEKD:
         return torch.exp(torch.arange(k + 1, dtype=torch.float32, device=self.ctx.device) / self.sample_temperature)
 
     def loss(self, users: torch.Tensor, user_vecs: torch.Tensor, item_table: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.variant == "wo_s":
+            student = pair_scores(user_vecs, item_table, self.teacher_items[users])
+            return {"kd": soft_ce(self.teacher_logits[users], student, tau=self.tau)}
+        if self.variant == "wo_sep":  # one CE on A^u ∪ Q^S ((Q^T)_2 never meets Q^S; sampled items may)
+            items = torch.cat([self.student_items[users], self.set_items[users]], 1)
+            valid = torch.cat([torch.ones_like(self.student_items[users], dtype=torch.bool), self.set_mask[users]], 1)
+            teacher = torch.cat([self.student_teacher_logits[users], self.set_teacher_logits[users]], 1)
+            student = pair_scores(user_vecs, item_table, items)
+            return {"kd": soft_ce(teacher, student, mask=dedupe_rows(items, valid), tau=self.tau)}
         l1 = soft_ce(
             self.student_teacher_logits[users],
             pair_scores(user_vecs, item_table, self.student_items[users]),
@@ -150,5 +191,7 @@ class RCEKD:
             mask=self.set_mask[users],
             tau=self.tau,
         )
+        if self.variant == "wo_t":
+            return {"kd": l1, "l1": l1.mean()}
         gamma = self.gamma[users]
         return {"kd": (1 - gamma) * l1 + gamma * l2, "l1": l1.mean(), "l2": l2.mean()}
