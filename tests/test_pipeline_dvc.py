@@ -121,3 +121,7 @@ def test_exp_run_reruns_only_the_changed_method(repo: Path) -> None:
 def test_plots_show_renders_histories(repo: Path) -> None:
     output = run(["dvc", "plots", "show", "--json"], repo)
     assert "valid_ndcg@20" in output
+    for backbone in BACKBONES:  # every teacher's curve and its seconds per epoch are plots
+        for name in ("history.csv", "timing.csv"):
+            assert f"artifacts/citeulike/teacher_{backbone}/{name}" in output, (backbone, name)
+    assert "epoch_seconds" in output
