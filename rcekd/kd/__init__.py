@@ -9,6 +9,7 @@ The student trained alone is no method: it is `rcekd train --role student` (the 
 from rcekd.kd.cd import CD
 from rcekd.kd.ce import VanillaCE
 from rcekd.kd.common import KDContext
+from rcekd.kd.dcd import DCD
 from rcekd.kd.full_ce import FullCE
 from rcekd.kd.rcekd import RCEKD
 from rcekd.kd.rrd import RRD
@@ -20,6 +21,7 @@ METHODS = {
     "full_ce": FullCE,
     "cd": CD,
     "rrd": RRD,
+    "dcd": DCD,
     "sld": SLD,
     "unkd": UnKD,
     "rcekd": RCEKD,
