@@ -64,6 +64,7 @@ def fit(
     device: torch.device,
     eval_chunk: int = 1024,
     history_path: str | Path | None = None,
+    on_epoch: Callable[[int, Backbone], None] | None = None,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
 ) -> FitResult:
     if kd_reduction not in ("users", "rows"):
@@ -110,6 +111,8 @@ def fit(
         train_seconds = time.perf_counter() - started
 
         valid = full_ranking(model, valid_items, exclude=[train_items], chunk=eval_chunk, device=device)
+        if on_epoch is not None:  # e.g. record the teacher's top-K lists (rcekd/trajectory.py)
+            on_epoch(epoch, model)
         row = {
             "epoch": epoch,
             **{name: total / n_batches for name, total in sums.items()},

@@ -81,7 +81,7 @@ def write_timing(path: Path | None, history: list[dict]) -> None:
 
 def training_options(all_params: dict, spec: ModelSpec, params: Path) -> dict:
     """Keyword arguments of `fit` from the shared `train` section plus the backbone role's own."""
-    skip = ("weight_decay", "seed", "device", "kd", "kd_weight", "kd_reduction", "history_path", "log")
+    skip = ("weight_decay", "seed", "device", "kd", "kd_weight", "kd_reduction", "history_path", "on_epoch", "log")
     train = kwargs_for(fit, section(all_params, "train", params), "train", skip=skip)
     for key in ("batch_size", "max_epochs", "patience"):
         if not isinstance(train[key], int) or train[key] < 1:

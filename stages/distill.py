@@ -13,6 +13,7 @@ from rcekd.io import file_sha256
 from rcekd.kd import METHODS, KDContext
 from rcekd.sparse import UserItems
 from rcekd.train import fit, resolve_device
+from rcekd.trajectory import read_trajectory
 from stages.common import build_model, log, model_spec, training_options, write_timing
 from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
 
@@ -25,6 +26,7 @@ def main(
     data: Path = typer.Option(..., help="Processed dataset directory (from preprocess)."),
     cache: Path = typer.Option(..., help="Teacher cache directory (from cache_teacher)."),
     teacher: Path = typer.Option(None, help="Teacher checkpoint: when given, the cache must have been made from it."),
+    trajectory: Path = typer.Option(None, help="The teacher's trajectory Parquet (from train --trajectory), for methods that read it (hetcomp)."),
     out: Path = typer.Option(..., help="Output student checkpoint of the best validation epoch."),
     history: Path = typer.Option(..., help="Output per-epoch history CSV (DVC plots)."),
     timing: Path = typer.Option(None, help="Output CSV of seconds per epoch (DVC plots)."),
@@ -59,7 +61,8 @@ def main(
         expected = file_sha256(teacher) if teacher is not None else None
         scores = TeacherCache(cache, splits=splits, device=device, chunk=options["eval_chunk"], teacher_sha256=expected)
         train_items = UserItems(splits.train, splits.n_users, splits.n_items, device)
-        context = KDContext(scores, train_items, splits.n_users, splits.n_items, device, options["eval_chunk"])
+        lists = read_trajectory(trajectory, splits.n_users).to(device) if trajectory is not None else None
+        context = KDContext(scores, train_items, splits.n_users, splits.n_items, device, options["eval_chunk"], lists)
         kd = kd_class(context, **kd_params)
         teacher_sha256 = scores.meta["teacher_sha256"]
     except (ParamsError, ValueError, FileNotFoundError) as err:

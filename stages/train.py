@@ -9,9 +9,11 @@ import typer
 
 from rcekd.checkpoint import save_checkpoint
 from rcekd.data import load_splits
+from rcekd.sparse import UserItems
 from rcekd.train import fit, resolve_device
+from rcekd.trajectory import TrajectoryRecorder
 from stages.common import ROLES, build_model, log, model_spec, training_options, write_timing
-from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
+from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
 
 
 def main(
@@ -21,9 +23,10 @@ def main(
     out: Path = typer.Option(..., help="Output checkpoint of the best validation epoch."),
     history: Path = typer.Option(..., help="Output per-epoch history CSV (DVC plots)."),
     timing: Path = typer.Option(None, help="Output CSV of seconds per epoch (DVC plots)."),
+    trajectory: Path = typer.Option(None, help="Teachers: output Parquet of the top-K lists at every `trajectory.every`-th epoch before the best (HetComp)."),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Train a teacher, or a student alone (params: seed, device, train, backbones.<backbone>.<role>)."""
+    """Train a teacher, or a student alone (params: seed, device, train, backbones.<backbone>.<role>; trajectory with --trajectory)."""
     try:
         if role not in ROLES:
             raise ParamsError(f"--role {role!r}; expected one of {', '.join(ROLES)}")
@@ -32,11 +35,18 @@ def main(
         options = training_options(all_params, spec, params)
         device = resolve_device(section(all_params, "device", params))
         splits = load_splits(data)
+        recorder = None
+        if trajectory is not None:
+            settings = kwargs_for(TrajectoryRecorder.__init__, section(all_params, "trajectory", params), "trajectory", skip=("chunk", "device"))
+            train_items = UserItems(splits.train, splits.n_users, splits.n_items, device)
+            recorder = TrajectoryRecorder(train_items, chunk=options["eval_chunk"], device=device, **settings)
     except (ParamsError, ValueError, FileNotFoundError) as err:
         fail(err)
     model, kwargs = build_model(spec, splits, seed=options["seed"])
     log(f"{role} {backbone} {spec.model} on {splits.name} ({device}): {splits.n_users} users, {splits.n_items} items")
-    result = fit(model, splits, device=device, history_path=history, **options)
+    result = fit(model, splits, device=device, history_path=history, on_epoch=recorder, **options)
+    if recorder is not None:
+        recorder.write(trajectory, result.best_epoch)
     write_timing(timing, result.history)
     save_checkpoint(
         out,

@@ -31,7 +31,7 @@ def workspace(tmp_path_factory) -> Path:
     p = ["--params", str(tmp / "params.yaml")]
     for args in (
         ["preprocess", "--dataset", "citeulike", "--out", str(tmp / "data"), "--stats", str(tmp / "data.json")],
-        ["train", "--role", "teacher", "--backbone", "mf", "--data", str(tmp / "data"), "--out", str(tmp / "t.pt"), "--history", str(tmp / "t.csv")],
+        ["train", "--role", "teacher", "--backbone", "mf", "--data", str(tmp / "data"), "--out", str(tmp / "t.pt"), "--history", str(tmp / "t.csv"), "--trajectory", str(tmp / "trajectory.parquet")],
         ["cache-teacher", "--data", str(tmp / "data"), "--checkpoint", str(tmp / "t.pt"), "--out", str(tmp / "cache")],
     ):
         result = CliRunner().invoke(app, args + p)
@@ -45,7 +45,7 @@ def test_every_kd_section_trains_a_student(workspace: Path, name: str) -> None:
     result = CliRunner().invoke(app, [
         "distill", "--method", name, "--student", "mf", "--data", str(workspace / "data"),
         "--cache", str(workspace / "cache"), "--teacher", str(workspace / "t.pt"),
-        "--out", str(out / "checkpoint.pt"), "--history", str(out / "history.csv"), "--timing", str(out / "timing.csv"),
+        "--trajectory", str(workspace / "trajectory.parquet"), "--out", str(out / "checkpoint.pt"), "--history", str(out / "history.csv"), "--timing", str(out / "timing.csv"),
         "--params", str(workspace / "params.yaml"),
     ])
     assert result.exit_code == 0, result.output

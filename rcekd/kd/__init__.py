@@ -11,6 +11,7 @@ from rcekd.kd.ce import VanillaCE
 from rcekd.kd.common import KDContext
 from rcekd.kd.dcd import DCD
 from rcekd.kd.full_ce import FullCE
+from rcekd.kd.hetcomp import HetComp
 from rcekd.kd.rcekd import RCEKD
 from rcekd.kd.rrd import RRD
 from rcekd.kd.sld import SLD
@@ -22,6 +23,7 @@ METHODS = {
     "cd": CD,
     "rrd": RRD,
     "dcd": DCD,
+    "hetcomp": HetComp,
     "sld": SLD,
     "unkd": UnKD,
     "rcekd": RCEKD,

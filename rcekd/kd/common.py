@@ -16,7 +16,7 @@ from rcekd.sparse import UserItems
 
 @dataclass(frozen=True)
 class KDContext:
-    """Everything a method may read: the teacher cache and the training items, on one device."""
+    """Everything a method may read: the teacher cache (and trajectory) and the training items, on one device."""
 
     teacher: TeacherCache
     train: UserItems
@@ -24,6 +24,7 @@ class KDContext:
     n_items: int
     device: torch.device
     chunk: int = 1024
+    trajectory: torch.Tensor | None = None  # the teacher's top-K lists at checkpoints [C, U, K] (HetComp)
 
 
 def soft_ce(
