@@ -111,6 +111,8 @@ def fit(
         train_seconds = time.perf_counter() - started
 
         valid = full_ranking(model, valid_items, exclude=[train_items], chunk=eval_chunk, device=device)
+        if hasattr(kd, "observe"):  # a method that reacts to the student's validation (TaReC's damping)
+            kd.observe(valid)
         if on_epoch is not None:  # e.g. record the teacher's top-K lists (rcekd/trajectory.py)
             on_epoch(epoch, model)
         row = {

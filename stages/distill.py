@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import torch
 import typer
 
+from rcekd.backbones import BACKBONES
 from rcekd.cache import TeacherCache
 from rcekd.checkpoint import save_checkpoint
 from rcekd.data import load_splits
 from rcekd.io import file_sha256
 from rcekd.kd import METHODS, KDContext
 from rcekd.sparse import UserItems
-from rcekd.train import fit, resolve_device
+from rcekd.train import FitResult, fit, resolve_device
 from rcekd.trajectory import read_trajectory
 from stages.common import build_model, log, model_spec, training_options, write_timing
 from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
@@ -62,7 +65,19 @@ def main(
         scores = TeacherCache(cache, splits=splits, device=device, chunk=options["eval_chunk"], teacher_sha256=expected)
         train_items = UserItems(splits.train, splits.n_users, splits.n_items, device)
         lists = read_trajectory(trajectory, splits.n_users).to(device) if trajectory is not None else None
-        context = KDContext(scores, train_items, splits.n_users, splits.n_items, device, options["eval_chunk"], lists)
+        weight, reduction = float(loop.get("weight", 0.0)), loop.get("reduction", "users")
+
+        def build_student(overrides: dict) -> torch.nn.Module:
+            sized = kwargs_for(BACKBONES[student].__init__, {**spec.model, **overrides}, f"kd.{method}.assistant", skip=("n_users", "n_items"))
+            return build_model(dataclasses.replace(spec, model=sized), splits, seed=options["seed"])[0]
+
+        def fit_student(model: torch.nn.Module, method_: object, label: str) -> FitResult:
+            log(f"distill {method}: training the {label} ({type(model).__name__}) through the one loop")
+            return fit(model, splits, kd=method_, kd_weight=weight, kd_reduction=reduction, device=device, **options)
+
+        context = KDContext(
+            scores, train_items, splits.n_users, splits.n_items, device, options["eval_chunk"], lists, build_student, fit_student
+        )
         kd = kd_class(context, **kd_params)
         teacher_sha256 = scores.meta["teacher_sha256"]
     except (ParamsError, ValueError, FileNotFoundError) as err:
@@ -70,8 +85,7 @@ def main(
     model, kwargs = build_model(spec, splits, seed=options["seed"])
     log(f"distill {method}: student {student} {spec.model} on {splits.name} ({device}) {kd_params} {loop}")
     result = fit(
-        model, splits, kd=kd, kd_weight=float(loop.get("weight", 0.0)), kd_reduction=loop.get("reduction", "users"),
-        device=device, history_path=history, **options,
+        model, splits, kd=kd, kd_weight=weight, kd_reduction=reduction, device=device, history_path=history, **options,
     )
     write_timing(timing, result.history)
     save_checkpoint(

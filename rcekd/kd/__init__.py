@@ -15,6 +15,7 @@ from rcekd.kd.hetcomp import HetComp
 from rcekd.kd.rcekd import RCEKD
 from rcekd.kd.rrd import RRD
 from rcekd.kd.sld import SLD
+from rcekd.kd.tarec import TaReC
 from rcekd.kd.unkd import UnKD
 
 METHODS = {
@@ -26,6 +27,7 @@ METHODS = {
     "hetcomp": HetComp,
     "sld": SLD,
     "unkd": UnKD,
+    "tarec": TaReC,
     "rcekd": RCEKD,
 }
 

@@ -25,6 +25,10 @@ class KDContext:
     device: torch.device
     chunk: int = 1024
     trajectory: torch.Tensor | None = None  # the teacher's top-K lists at checkpoints [C, U, K] (HetComp)
+    # an auxiliary model through the one loop (TaReC's assistant): the student's backbone with its
+    # model kwargs overridden, and fit(model, method, label) -> FitResult with the run's options
+    build_student: Callable[[dict], nn.Module] | None = None
+    fit_student: Callable[[nn.Module, object, str], object] | None = None
 
 
 def soft_ce(
