@@ -90,3 +90,11 @@ def test_item_side_loss_and_its_gradient_reaches_the_listed_users(ctx) -> None: 
     touched = set(torch.cat([method.item_under[items], method.item_over[items]]).flatten().tolist())
     grad_rows = set(torch.nonzero(student.user_emb.weight.grad.abs().sum(1)).flatten().tolist())
     assert grad_rows <= touched and (grad_rows or not any(expected))
+
+
+def test_item_batches_walk_the_permutation_and_wrap_around(ctx) -> None:  # noqa: F811
+    method = DCD(ctx, item_batch=15, **OPTIONS)
+    method.prepare_epoch(student_vectors()[0], torch.Generator().manual_seed(2))
+    order = method.item_order.tolist()
+    taken = [method.take_items().tolist() for _ in range(3)]  # 45 slots over 40 items
+    assert sum(taken, []) == order + order[:5]

@@ -75,6 +75,19 @@ def test_users_advance_by_the_ndcg_ratio_then_the_loss_turns_listwise(ctx) -> No
         np.testing.assert_allclose(got[u], expected, rtol=1e-5)
 
 
+def test_a_user_the_threshold_holds_advances_after_max_stay_epochs(ctx) -> None:  # noqa: F811
+    far = [teacher_order(u)[:K] for u in range(N_USERS)]  # first list = final list: ratio 1, below 1.05
+    method = HetComp(with_lists(ctx, [far, far]), k=K, negatives=6, top=3, max_stay=3)
+    student = fixed_mf(STUDENT_SCORES)
+    stages = []
+    for _ in range(8):
+        method.prepare_epoch(student, torch.Generator().manual_seed(0))
+        stages.append(method.stage.tolist())
+    # 3 epochs on each list, then the next: at epochs 4 and 7
+    assert [row[0] for row in stages] == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert all(len(set(row)) == 1 for row in stages) and method.final
+
+
 def test_hetcomp_refuses_a_missing_or_short_trajectory(ctx) -> None:  # noqa: F811
     with pytest.raises(ValueError, match="needs the teacher's trajectory"):
         HetComp(ctx, k=K)

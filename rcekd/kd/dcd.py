@@ -88,9 +88,9 @@ class DCD:
 
     def take_items(self) -> torch.Tensor:
         """The next `item_batch` items of this epoch's permutation (wrapping around)."""
-        start = self.next_item % self.ctx.n_items
-        self.next_item = start + self.item_batch
-        return self.item_order[start : start + self.item_batch]
+        index = (self.next_item + torch.arange(self.item_batch, device=self.item_order.device)) % self.ctx.n_items
+        self.next_item += self.item_batch
+        return self.item_order[index]
 
     def item_loss(self, items: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
         """ICD over `items`: each item's under-estimated users ranked above its over-estimated ones."""

@@ -5,14 +5,15 @@ The term compares the BPR loss values of the two models on the same triples: eac
 gets `triples` triples (u, i, j), i uniform among its training items and j uniform among the rest;
 ℓ(u, i, j) = −log σ(r_ui − r_uj) for the source model and for the learner. Per user, the distance
 between the two sets of values is the entropic optimal-transport (Sinkhorn) cost with squared
-differences as ground cost, uniform weights, ε = `epsilon`, `iterations` log-domain iterations
+differences as ground cost, uniform weights, ε = `epsilon` × the user's mean cost, `iterations`
+log-domain iterations
 (`sinkhorn` below, tested against a direct computation). Grouping by user is our choice: it keeps
 the term per user like every other method's, and the cost O(B · triples²) instead of O((B · triples)²).
 
 The TA is the student's backbone with `assistant` overriding its size, trained through the one loop
 (same data, optimiser, early stopping) when the method is built; its training time is logged as
 `assistant_seconds`. While the student trains, the term is damped by `damping` (0.6) whenever the
-TA's best validation Recall@20 is below the student's best so far.
+TA's best validation Recall@20 (over its epochs) is below the student's best so far.
 """
 
 from __future__ import annotations
@@ -29,20 +30,24 @@ from rcekd.kd.common import KDContext, pair_scores, uniform_excluding
 
 def sinkhorn(x: torch.Tensor, y: torch.Tensor, *, epsilon: float, iterations: int) -> torch.Tensor:
     """Entropic OT cost Σ P ∘ C between the uniform point sets x [B, n] and y [B, m] on the line,
-    C = (x_a − y_b)², P the Sinkhorn plan of regularisation ε (log-domain updates). Returns [B].
+    C = (x_a − y_b)², P the Sinkhorn plan (log-domain updates) of regularisation ε · mean(C) per row:
+    `epsilon` is relative to the row's cost scale, so the iterations needed do not depend on how
+    spread the values are. Returns [B].
 
-    The plan is found without autograd and held fixed: the gradient flows through C only (the
-    envelope theorem), so memory does not grow with the iterations."""
+    The plan is found without autograd and held fixed, so the gradient is P (the gradient of the
+    regularised objective ⟨P, C⟩ + ε KL(P) at its optimum, a close approximation of that of the value
+    returned) and memory does not grow with the iterations."""
     cost = (x[:, :, None] - y[:, None, :]) ** 2  # [B, n, m]
     log_a, log_b = -math.log(x.shape[1]), -math.log(y.shape[1])
     with torch.no_grad():
         fixed = cost.detach()
+        eps = epsilon * fixed.mean((1, 2), keepdim=True).clamp(min=1e-12)  # [B, 1, 1]
         f = torch.zeros_like(x)
         g = torch.zeros_like(y)
         for _ in range(iterations):
-            f = -epsilon * torch.logsumexp((g[:, None, :] - fixed) / epsilon + log_b, dim=2)
-            g = -epsilon * torch.logsumexp((f[:, :, None] - fixed) / epsilon + log_a, dim=1)
-        plan = torch.exp((f[:, :, None] + g[:, None, :] - fixed) / epsilon + log_a + log_b)
+            f = -eps[:, :, 0] * torch.logsumexp((g[:, None, :] - fixed) / eps + log_b, dim=2)
+            g = -eps[:, 0, :] * torch.logsumexp((f[:, :, None] - fixed) / eps + log_a, dim=1)
+        plan = torch.exp((f[:, :, None] + g[:, None, :] - fixed) / eps + log_a + log_b)
     return (plan * cost).sum((1, 2))
 
 
@@ -89,7 +94,7 @@ class TaReC:
         assistant_model.load_state_dict(result.best_state)
         assistant_model.eval()
         self.assistant_seconds = time.perf_counter() - started
-        self.assistant_recall = result.best_valid.get("recall@20", 0.0)
+        self.assistant_recall = max((row["valid_recall@20"] for row in result.history), default=0.0)
         self.term = TripleOT(ctx, lambda items: scores_of(assistant_model, items, ctx.chunk), **options)
         self.student_best = 0.0
 
