@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test
+.PHONY: setup run test plots
 setup: $(VENV)/.installed
 
 # The CPU build of torch first (a local wheel on the project's machines); the CPU index elsewhere.
@@ -22,3 +22,8 @@ run: setup
 
 test: setup
 	python -m pytest -q
+
+# The figures as one offline HTML page (dvc_plots/index.html): Vega inlined, no CDN needed.
+plots: setup
+	rcekd html-template --out .dvc/tmp/offline.html
+	dvc plots show --html-template .dvc/tmp/offline.html

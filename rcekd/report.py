@@ -1,47 +1,237 @@
-"""The Markdown results table, built from the evaluate stage's metrics JSON files."""
+"""The results of a grid, as the paper reports them: mean ± std over seeds, the improvement of RCE-KD
+over the best baseline with a paired t-test, the cost of each method, and the figures' data.
+
+Runs are named as in the metrics directory: `teacher_<b>` (one run, the teacher's seed),
+`student_<s>/seed_<n>` (the student alone) and `<t>_to_<s>/<method>/seed_<n>`. Within a setting
+`<t>_to_<s>`, the baselines are the student alone and every method whose name does not start with
+`rcekd` (RCE-KD's ablations are not baselines); RCE-KD is the method `rcekd`. The best baseline is
+chosen per metric by its mean; the t-test pairs the two runs of each seed (scipy.stats.ttest_rel,
+two-sided) and needs two seeds or more.
+"""
 
 from __future__ import annotations
 
+import csv
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+from scipy import stats
 
 from rcekd.io import read_json
 
-COLUMNS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+TARGET = "rcekd"
+COST = ("seconds_per_epoch", "peak_rss_mb", "peak_gpu_mb")
 
 
-def collect(metrics_dir: str | Path) -> dict[str, dict]:
-    """{run name: metrics} for every JSON below metrics_dir; the name is its path without '.json'."""
-    metrics_dir = Path(metrics_dir)
-    runs = {}
-    for path in sorted(metrics_dir.rglob("*.json")):
-        name = path.relative_to(metrics_dir).with_suffix("").as_posix()
-        record = read_json(path)
-        if isinstance(record.get("test"), dict):  # skips the dataset statistics (data.json)
-            runs[name] = record
+@dataclass
+class Run:
+    """One row of the table: a run name and its metrics records by seed."""
+
+    name: str  # teacher_mf, student_mf, mf_to_mf/rcekd
+    records: dict[int, dict] = field(default_factory=dict)
+
+    def values(self, metric: str) -> dict[int, float]:
+        return {seed: record["test"][metric] for seed, record in self.records.items()}
+
+    def summary(self) -> dict:
+        out: dict = {"seeds": len(self.records)}
+        for metric in METRICS:
+            out[metric] = mean_std(list(self.values(metric).values()))
+        for key in COST:
+            costs = [r[key] for r in self.records.values() if key in r]
+            if costs:
+                out[key] = float(np.mean(costs))
+        return out
+
+
+def grid_runs(teachers: list[str], students: list[str], methods: list[str], seeds: list[int]) -> list[tuple[str, int | None]]:
+    """(run name, seed) of every evaluated run of a grid; the teacher has one run (seed None)."""
+    runs: list[tuple[str, int | None]] = [(f"teacher_{t}", None) for t in teachers]
+    runs += [(f"student_{s}", seed) for s in students for seed in seeds]
+    runs += [(f"{t}_to_{s}/{m}", seed) for t in teachers for s in students for m in methods for seed in seeds]
     return runs
 
 
-def results_table(runs: dict[str, dict], *, title: str) -> str:
-    """Test metrics per run, with the change against the student alone of the same backbone: run
-    `<teacher>_to_<student>/<method>` against `student_<student>`."""
+def run_path(root: str | Path, name: str, seed: int | None) -> Path:
+    """Where a run's files live below `root`: <name>/seed_<n> (or <name> for a teacher)."""
+    return Path(root) / name / (f"seed_{seed}" if seed is not None else "")
+
+
+def collect(metrics_dir: str | Path, runs: list[tuple[str, int | None]]) -> dict[str, Run]:
+    """{run name: Run} from the evaluate stage's JSON files; a missing file is an error naming it."""
+    out: dict[str, Run] = {}
+    for name, seed in runs:
+        path = run_path(metrics_dir, name, seed).with_suffix(".json") if seed is not None else Path(metrics_dir) / f"{name}.json"
+        record = read_json(path)
+        if not isinstance(record.get("test"), dict) or any(m not in record["test"] for m in METRICS):
+            raise ValueError(f"{path}: expected test metrics {', '.join(METRICS)} (an evaluate stage's output)")
+        out.setdefault(name, Run(name)).records[seed if seed is not None else 0] = record
+    return out
+
+
+def mean_std(values: list[float]) -> dict[str, float | None]:
+    """Mean and sample standard deviation (ddof = 1; None with one value)."""
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+    }
+
+
+def compare(target: Run, baselines: list[Run], metric: str) -> dict:
+    """RCE-KD against the best baseline (highest mean) on one metric: improvement and paired t-test."""
+    best = max(baselines, key=lambda run: np.mean(list(run.values(metric).values())))
+    ours, theirs = target.values(metric), best.values(metric)
+    seeds = sorted(set(ours) & set(theirs))
+    a, b = [ours[s] for s in seeds], [theirs[s] for s in seeds]
+    p_value = None
+    if len(seeds) >= 2:
+        p = float(stats.ttest_rel(a, b).pvalue)
+        p_value = p if math.isfinite(p) else None  # identical differences: no test
+    mean_ours, mean_best = float(np.mean(list(ours.values()))), float(np.mean(list(theirs.values())))
+    return {
+        "baseline": best.name.split("/")[-1],
+        "ours": mean_ours,
+        "best_baseline": mean_best,
+        "improvement": mean_ours / mean_best - 1 if mean_best > 0 else None,
+        "p_value": p_value,
+        "paired_seeds": len(seeds),
+    }
+
+
+def summarize(runs: dict[str, Run], settings: list[tuple[str, str]]) -> dict:
+    """The report as one JSON-able dict (a DVC metrics file): per setting, every run's summary and
+    RCE-KD against the best baseline on every metric."""
+    report: dict = {"teachers": {name: run.summary() for name, run in runs.items() if name.startswith("teacher_")}}
+    for teacher, student in settings:
+        setting = f"{teacher}_to_{student}"
+        members = {name.split("/")[-1]: run for name, run in runs.items() if name.startswith(f"{setting}/")}
+        alone = runs.get(f"student_{student}")
+        block: dict = {"runs": {}}
+        if alone is not None:
+            block["runs"]["student"] = alone.summary()
+        block["runs"].update({method: run.summary() for method, run in members.items()})
+        baselines = [run for method, run in members.items() if not method.startswith(TARGET)]
+        baselines += [alone] if alone is not None else []
+        if TARGET in members and baselines:
+            block[f"{TARGET}_vs_best_baseline"] = {m: compare(members[TARGET], baselines, m) for m in METRICS}
+        report[setting] = block
+    return report
+
+
+def markdown(report: dict, *, title: str, seeds: list[int]) -> str:
+    """The report laid out like the paper's Table 1 (plus its Tables 2 and 3's costs)."""
     lines = [
         f"# {title}",
         "",
-        "Test split, full ranking, the checkpoint of the best validation NDCG@20 epoch. "
-        "Δ = relative change of NDCG@20 against the student alone of the same backbone (`student_<backbone>`).",
+        f"Test split, full ranking, the checkpoint of the best validation NDCG@20 epoch; mean ± std over "
+        f"{len(seeds)} seed(s) {seeds} (the teacher: one run). s/epoch = seconds per training epoch "
+        "(validation included); peak MiB = the run's peak resident memory.",
         "",
-        "| run | " + " | ".join(COLUMNS) + " | Δ NDCG@20 vs student alone | best epoch | s/epoch |",
-        "|---|" + "---:|" * (len(COLUMNS) + 3),
     ]
-    for name, record in runs.items():
-        test = record["test"]
-        baseline = runs.get(f"student_{name.split('/')[0].split('_to_')[-1]}") if "_to_" in name else None
-        delta = ""
-        if baseline is not None and baseline["test"]["ndcg@20"] > 0:
-            delta = f"{100 * (test['ndcg@20'] / baseline['test']['ndcg@20'] - 1):+.1f}%"
-        seconds = f"{record['seconds_per_epoch']:.2f}" if "seconds_per_epoch" in record else ""
-        lines.append(
-            f"| {name} | " + " | ".join(f"{test[c]:.4f}" for c in COLUMNS)
-            + f" | {delta} | {record.get('best_epoch', '')} | {seconds} |"
-        )
+    header = "| run | " + " | ".join(METRICS) + " | seeds | s/epoch | peak MiB |"
+    rule = "|---|" + "---:|" * (len(METRICS) + 3)
+
+    def row(name: str, summary: dict) -> str:
+        cells = [_mean_std(summary[m]) for m in METRICS]
+        cost = [f"{summary[k]:.2f}" if k in summary else "" for k in ("seconds_per_epoch",)]
+        cost += [f"{summary['peak_rss_mb']:.0f}" if "peak_rss_mb" in summary else ""]
+        return f"| {name} | " + " | ".join(cells) + f" | {summary['seeds']} | " + " | ".join(cost) + " |"
+
+    for setting, block in report.items():
+        if setting == "teachers":
+            continue
+        teacher = setting.split("_to_")[0]
+        lines += [f"## {setting.replace('_to_', ' → ')}", "", header, rule]
+        if f"teacher_{teacher}" in report["teachers"]:
+            lines.append(row(f"teacher ({teacher})", report["teachers"][f"teacher_{teacher}"]))
+        lines += [row(name, summary) for name, summary in block["runs"].items()]
+        versus = block.get(f"{TARGET}_vs_best_baseline")
+        if versus:
+            lines.append("| best baseline | " + " | ".join(versus[m]["baseline"] for m in METRICS) + " | | | |")
+            lines.append("| Improv. | " + " | ".join(_percent(versus[m]["improvement"]) for m in METRICS) + " | | | |")
+            lines.append("| p-value | " + " | ".join(_p(versus[m]["p_value"]) for m in METRICS)
+                         + f" | {versus[METRICS[0]]['paired_seeds']} | | |")
+        lines.append("")
+    lines.append(
+        f"Improv. = relative change of `{TARGET}`'s mean over the best baseline's mean (the student alone or a "
+        f"method not named `{TARGET}*`); p-value: paired t-test over seeds (scipy.stats.ttest_rel, two-sided; "
+        "needs 2 seeds or more)."
+    )
     return "\n".join(lines) + "\n"
+
+
+def _mean_std(value: dict) -> str:
+    return f"{value['mean']:.4f}" + (f" ± {value['std']:.4f}" if value["std"] is not None else "")
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:+.2f}%"
+
+
+def _p(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+# The figures: CSV files drawn by the plot definitions of dvc.yaml.
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: file not found (written by the run's train or distill stage)")
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def figure_tables(runs_dir: str | Path, runs: list[tuple[str, int | None]]) -> dict[str, list[dict]]:
+    """{file name: rows} of every figure, from the runs' histories and diagnostics below `runs_dir`:
+    valid_ndcg (every run), train_ndcg (Fig. 5), a_overlap (Table 7, RCE-KD runs), s_u (Fig. 10, summed
+    over seeds) and ranks (Fig. 2, the first seed)."""
+    tables: dict[str, list[dict]] = {name: [] for name in ("valid_ndcg", "train_ndcg", "a_overlap", "s_u", "ranks")}
+    s_u: dict[tuple[str, str, str], int] = {}
+    first_seed = min((seed for _, seed in runs if seed is not None), default=None)
+    for name, seed in runs:
+        where = run_path(runs_dir, name, seed)
+        history = read_rows(where / "history.csv")
+        label = {"run": name, "seed": "" if seed is None else seed}
+        epochs_run = len(history)
+        for row in history:
+            tables["valid_ndcg"].append({**label, "epoch": int(row["epoch"]), "valid_ndcg@20": float(row["valid_ndcg@20"])})
+            if row.get("a_overlap"):
+                tables["a_overlap"].append({
+                    **label, "epoch": int(row["epoch"]), "training_share": int(row["epoch"]) / epochs_run,
+                    "a_overlap": float(row["a_overlap"]),
+                })
+        if "_to_" not in name:
+            continue
+        diagnostics = where / "diagnostics"
+        for row in read_rows(diagnostics / "epochs.csv"):
+            tables["train_ndcg"].append({**label, "epoch": int(row["epoch"]), "train_ndcg@10": float(row["train_ndcg@10"])})
+        for row in read_rows(diagnostics / "s_u.csv"):
+            key = (name, row["phase"], row["s_u"])
+            s_u[key] = s_u.get(key, 0) + int(row["users"])
+        if seed == first_seed:
+            tables["ranks"] += [
+                {"run": name, "phase": row["phase"], "teacher_rank": int(row["teacher_rank"]), "student_rank": int(row["student_rank"])}
+                for row in read_rows(diagnostics / "ranks.csv")
+            ]
+    totals: dict[tuple[str, str], int] = {}
+    for (name, phase, _), users in s_u.items():
+        totals[(name, phase)] = totals.get((name, phase), 0) + users
+    tables["s_u"] = [
+        {"run": name, "phase": phase, "s_u": float(value), "user_share": users / max(totals[(name, phase)], 1)}
+        for (name, phase, value), users in s_u.items()
+    ]
+    return tables
+
+
+def write_figures(directory: Path, tables: dict[str, list[dict]]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, rows in tables.items():
+        with open(directory / f"{name}.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["run"])
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import cache_teacher, distill, evaluate, fetch, preprocess, report, train
+from stages import cache_teacher, distill, evaluate, fetch, html_template, preprocess, report, train
 
 app = typer.Typer(
     help="rcekd: knowledge distillation for top-N recommenders (RCE-KD and baselines) as DVC stages. "
@@ -21,6 +21,7 @@ app.command("cache-teacher")(cache_teacher.main)
 app.command("distill")(distill.main)
 app.command("evaluate")(evaluate.main)
 app.command("report")(report.main)
+app.command("html-template")(html_template.main)
 
 if __name__ == "__main__":
     app()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -72,6 +73,17 @@ def build_model(spec: ModelSpec, splits: Splits, *, seed: int) -> tuple[torch.nn
     return BACKBONES[spec.backbone](**full).bind(splits.train), full
 
 
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The process's peak resident memory so far (and the GPU's peak allocation on CUDA), in MiB."""
+    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    if device.type == "cuda":
+        peaks["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peaks
+
+
+SEED_OPTION_HELP = "The run's seed, overriding params `seed` (dvc.yaml passes each of `grid.seeds`)."
+
+
 def write_timing(path: Path | None, history: list[dict]) -> None:
     """Seconds per epoch (total, per-epoch preparation, training steps) as a CSV for `dvc plots`."""
     if path is not None:
@@ -79,8 +91,9 @@ def write_timing(path: Path | None, history: list[dict]) -> None:
         write_history(path, [{key: row[key] for key in columns} for row in history])
 
 
-def training_options(all_params: dict, spec: ModelSpec, params: Path) -> dict:
-    """Keyword arguments of `fit` from the shared `train` section plus the backbone role's own."""
+def training_options(all_params: dict, spec: ModelSpec, params: Path, *, seed: int | None = None) -> dict:
+    """Keyword arguments of `fit` from the shared `train` section plus the backbone role's own; `seed`
+    (a grid seed) overrides params `seed`."""
     skip = ("weight_decay", "seed", "device", "kd", "kd_weight", "kd_reduction", "history_path", "on_epoch", "log")
     train = kwargs_for(fit, section(all_params, "train", params), "train", skip=skip)
     for key in ("batch_size", "max_epochs", "patience"):
@@ -88,4 +101,8 @@ def training_options(all_params: dict, spec: ModelSpec, params: Path) -> dict:
             raise ParamsError(f"{params}: train.{key} = {train[key]!r}; expected an integer >= 1")
     if spec.batch_size is not None:
         train["batch_size"] = spec.batch_size
-    return {**train, "weight_decay": spec.weight_decay, "seed": int(section(all_params, "seed", params))}
+    if seed is None:
+        seed = section(all_params, "seed", params)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ParamsError(f"{params}: seed = {seed!r}; expected an integer >= 0")
+    return {**train, "weight_decay": spec.weight_decay, "seed": seed}

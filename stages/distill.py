@@ -12,12 +12,13 @@ from rcekd.backbones import BACKBONES
 from rcekd.cache import TeacherCache
 from rcekd.checkpoint import save_checkpoint
 from rcekd.data import load_splits
+from rcekd.diagnostics import RankingDiagnostics
 from rcekd.io import file_sha256
 from rcekd.kd import METHODS, KDContext
 from rcekd.sparse import UserItems
 from rcekd.train import FitResult, fit, resolve_device
 from rcekd.trajectory import read_trajectory
-from stages.common import build_model, log, model_spec, training_options, write_timing
+from stages.common import SEED_OPTION_HELP, build_model, log, model_spec, peak_memory, training_options, write_timing
 from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
 
 LOOP_KEYS = ("weight", "reduction")  # kd.<method> keys read by the loop, not by the method
@@ -33,13 +34,15 @@ def main(
     out: Path = typer.Option(..., help="Output student checkpoint of the best validation epoch."),
     history: Path = typer.Option(..., help="Output per-epoch history CSV (DVC plots)."),
     timing: Path = typer.Option(None, help="Output CSV of seconds per epoch (DVC plots)."),
+    diagnostics: Path = typer.Option(None, help="Output directory of ranking diagnostics on a user sample: train NDCG@10, s_u, ranks of the teacher's top items (params: diagnostics)."),
+    seed: int = typer.Option(None, help=SEED_OPTION_HELP),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Train a student with a distillation method (params: seed, device, train, backbones.<student>.student, kd.<method>)."""
+    """Train a student with a distillation method (params: seed, device, train, backbones.<student>.student, kd.<method>, diagnostics)."""
     try:
         all_params = load_params(params)
         spec = model_spec(all_params, student, "student", params)
-        options = training_options(all_params, spec, params)
+        options = training_options(all_params, spec, params, seed=seed)
         kd_params = dict(section(all_params, f"kd.{method}", params) or {})
         loop = {key: kd_params.pop(key) for key in LOOP_KEYS if key in kd_params}
         registered = kd_params.pop("method", method)
@@ -78,6 +81,10 @@ def main(
         context = KDContext(
             scores, train_items, splits.n_users, splits.n_items, device, options["eval_chunk"], lists, build_student, fit_student
         )
+        recorder = None
+        if diagnostics is not None:
+            settings = kwargs_for(RankingDiagnostics.__init__, section(all_params, "diagnostics", params), "diagnostics", skip=("seed", "device"))
+            recorder = RankingDiagnostics(scores, train_items, seed=options["seed"], device=device, **settings)
         kd = kd_class(context, **kd_params)
         teacher_sha256 = scores.meta["teacher_sha256"]
     except (ParamsError, ValueError, FileNotFoundError) as err:
@@ -85,9 +92,12 @@ def main(
     model, kwargs = build_model(spec, splits, seed=options["seed"])
     log(f"distill {method}: student {student} {spec.model} on {splits.name} ({device}) {kd_params} {loop}")
     result = fit(
-        model, splits, kd=kd, kd_weight=weight, kd_reduction=reduction, device=device, history_path=history, **options,
+        model, splits, kd=kd, kd_weight=weight, kd_reduction=reduction, device=device, history_path=history,
+        on_epoch=recorder, **options,
     )
     write_timing(timing, result.history)
+    if recorder is not None:
+        recorder.write(diagnostics, result.best_epoch)
     save_checkpoint(
         out,
         backbone=student,
@@ -102,6 +112,7 @@ def main(
             "best_epoch": result.best_epoch,
             "epochs_run": result.epochs_run,
             "best_valid": result.best_valid,
+            **peak_memory(device),
         },
     )
     log(f"distill {method}: best validation NDCG@20 {result.best_valid.get('ndcg@20', float('nan')):.4f} at epoch {result.best_epoch}")

@@ -40,6 +40,7 @@ def main(
     test_exclude = [known["train"], known["valid"]] if exclude_valid else [known["train"]]
     test = full_ranking(model, known["test"], exclude=test_exclude, device=device)
     result = {"test": test, "valid": valid, "best_epoch": meta["best_epoch"], "epochs_run": meta["epochs_run"]}
+    result.update({key: meta[key] for key in ("peak_rss_mb", "peak_gpu_mb") if key in meta})  # the training run's
     if history is not None and history.exists():
         with open(history) as handle:
             seconds = [float(row["epoch_seconds"]) for row in csv.DictReader(handle)]

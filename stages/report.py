@@ -1,4 +1,4 @@
-"""Stage 6: one Markdown table of every evaluated run of a dataset."""
+"""Stage 6: the grid's results over seeds (a Markdown table and a DVC metrics JSON) and the figures' CSVs."""
 
 from __future__ import annotations
 
@@ -6,21 +6,42 @@ from pathlib import Path
 
 import typer
 
-from rcekd.io import atomic_path
-from rcekd.report import collect, results_table
+from rcekd.io import atomic_path, write_json
+from rcekd.report import collect, figure_tables, grid_runs, markdown, summarize, write_figures
 from stages.common import log
+from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
 
 
 def main(
-    metrics: Path = typer.Option(..., help="Directory of metrics JSON files (from evaluate)."),
-    out: Path = typer.Option(..., help="Output Markdown table."),
+    metrics: Path = typer.Option(..., help="Directory of the evaluate stages' metrics JSON files."),
+    runs: Path = typer.Option(..., help="Directory of the runs' histories and diagnostics (artifacts/<dataset>)."),
+    table: Path = typer.Option(..., help="Output Markdown table, laid out like the paper's Table 1."),
+    json: Path = typer.Option(..., help="Output JSON (a DVC metrics file): mean, std, improvement, p-value."),
+    figures: Path = typer.Option(..., help="Output directory of the figures' CSV files (DVC plots)."),
+    params: Path = PARAMS_OPTION,
 ) -> None:
-    """Tabulate the test metrics of every run under --metrics."""
-    runs = collect(metrics)
-    if not runs:
-        typer.echo(f"error: {metrics}: no metrics JSON files found; run the evaluate stages first", err=True)
-        raise typer.Exit(code=2)
-    table = results_table(runs, title=f"Results: {metrics.name}")
-    with atomic_path(out) as tmp:
-        tmp.write_text(table)
-    log(table)
+    """Aggregate every run of the grid over its seeds (params: grid): mean ± std, RCE-KD against the best
+    baseline (relative improvement, paired t-test), seconds per epoch and peak memory; and the figures."""
+    try:
+        all_params = load_params(params)
+        lists = {key: section(all_params, f"grid.{key}", params) for key in ("teachers", "students", "methods", "seeds")}
+        for key, values in lists.items():
+            if not isinstance(values, list) or not values:
+                raise ParamsError(f"{params}: grid.{key} = {values!r}; expected a non-empty list")
+        seeds = lists["seeds"]
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) < len(seeds):
+            raise ParamsError(f"{params}: grid.seeds = {seeds!r}; expected distinct integers >= 0")
+        names = grid_runs(lists["teachers"], lists["students"], lists["methods"], seeds)
+        found = collect(metrics, names)
+        tables = figure_tables(runs, names)
+    except (ParamsError, ValueError, FileNotFoundError) as err:
+        fail(err)
+    settings = [(t, s) for t in lists["teachers"] for s in lists["students"]]
+    report = summarize(found, settings)
+    text = markdown(report, title=f"Results: {metrics.name}", seeds=seeds)
+    with atomic_path(figures) as tmp:
+        write_figures(tmp, tables)
+    write_json(json, report)
+    with atomic_path(table) as tmp:
+        tmp.write_text(text)
+    log(text)

@@ -12,7 +12,7 @@ from rcekd.data import load_splits
 from rcekd.sparse import UserItems
 from rcekd.train import fit, resolve_device
 from rcekd.trajectory import TrajectoryRecorder
-from stages.common import ROLES, build_model, log, model_spec, training_options, write_timing
+from stages.common import ROLES, SEED_OPTION_HELP, build_model, log, model_spec, peak_memory, training_options, write_timing
 from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
 
 
@@ -24,6 +24,7 @@ def main(
     history: Path = typer.Option(..., help="Output per-epoch history CSV (DVC plots)."),
     timing: Path = typer.Option(None, help="Output CSV of seconds per epoch (DVC plots)."),
     trajectory: Path = typer.Option(None, help="Teachers: output Parquet of the top-K lists at every `trajectory.every`-th epoch before the best (HetComp)."),
+    seed: int = typer.Option(None, help=SEED_OPTION_HELP),
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Train a teacher, or a student alone (params: seed, device, train, backbones.<backbone>.<role>; trajectory with --trajectory)."""
@@ -32,7 +33,7 @@ def main(
             raise ParamsError(f"--role {role!r}; expected one of {', '.join(ROLES)}")
         all_params = load_params(params)
         spec = model_spec(all_params, backbone, role, params)
-        options = training_options(all_params, spec, params)
+        options = training_options(all_params, spec, params, seed=seed)
         device = resolve_device(section(all_params, "device", params))
         splits = load_splits(data)
         recorder = None
@@ -61,6 +62,7 @@ def main(
             "best_epoch": result.best_epoch,
             "epochs_run": result.epochs_run,
             "best_valid": result.best_valid,
+            **peak_memory(device),
         },
     )
     log(f"{role} {backbone}: best validation NDCG@20 {result.best_valid.get('ndcg@20', float('nan')):.4f} at epoch {result.best_epoch}")

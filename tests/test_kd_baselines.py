@@ -10,7 +10,7 @@ from test_rcekd_pieces import fixed_mf, make_context, reference_ce
 
 from rcekd.kd import CD, RRD, SLD, FullCE, UnKD
 from rcekd.kd.cd import soft_labels
-from rcekd.kd.common import list_nll
+from rcekd.kd.common import list_nll, soft_ce
 from rcekd.kd.rcekd import RCEKD, scheduled_gamma
 from rcekd.kd.unkd import popularity_groups
 
@@ -133,6 +133,18 @@ def test_full_ce_over_every_non_training_item(ctx) -> None:
     for u in range(N_USERS):
         keep = [i for i in range(N_ITEMS) if i not in TRAIN[u]]
         assert loss[u].item() == pytest.approx(reference_ce(TEACHER_SCORES[u, keep], STUDENT_SCORES[u, keep]), rel=1e-5)
+
+
+@pytest.mark.parametrize("resident_gb", [2.0, 0.0])  # the teacher's distribution kept, or recomputed per batch
+def test_full_ce_gradient_matches_the_masked_soft_ce(ctx, resident_gb) -> None:
+    method = FullCE(ctx, tau=2.0, resident_gb=resident_gb)
+    _, user_vecs, table = student_vectors()
+    user_vecs = user_vecs.detach().requires_grad_()
+    grad = torch.autograd.grad(method.loss(USERS, user_vecs, table)["kd"].sum(), user_vecs)[0]
+    keep = torch.tensor([[i not in TRAIN[u] for i in range(N_ITEMS)] for u in range(N_USERS)])
+    teacher = torch.tensor(TEACHER_SCORES, dtype=torch.float32)
+    reference = soft_ce(teacher, user_vecs @ table.T, mask=keep, tau=2.0)
+    assert torch.allclose(torch.autograd.grad(reference.sum(), user_vecs)[0], grad, atol=1e-5)
 
 
 def test_popularity_groups_have_equal_mass() -> None:

@@ -13,8 +13,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
@@ -66,6 +68,7 @@ def repo(tmp_path_factory) -> Path:
     run(["dvc", "init", "-q"], repo)
     run(["dvc", "config", "core.analytics", "false"], repo)
     run(["dvc", "config", "core.check_update", "false"], repo)
+    shutil.copytree(ROOT / ".dvc/plots", repo / ".dvc/plots")  # the figures' templates
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "small pipeline"], repo)
     return repo
@@ -82,18 +85,22 @@ def test_repro_builds_every_run(repo: Path) -> None:
     output = run(["dvc", "repro"], repo)
     expected = {"preprocess", "report"}
     for backbone in BACKBONES:
-        expected |= {f"train_teacher@{backbone}", f"cache_teacher@{backbone}", f"train_student@{backbone}"}
-    expected |= {f"distill@{t}-{s}-{m}" for t in BACKBONES for s in BACKBONES for m in ("ce", "rcekd")}
+        expected |= {f"train_teacher@{backbone}", f"cache_teacher@{backbone}", f"train_student@{backbone}-0"}
+    expected |= {f"distill@{t}-{s}-{m}-0" for t in BACKBONES for s in BACKBONES for m in ("ce", "rcekd")}
     assert expected <= ran_stages(output)
     metrics = repo / "artifacts/metrics/citeulike"
-    names = [f"{role}_{b}" for role in ("teacher", "student") for b in BACKBONES]
-    names += [f"{t}_to_{s}/{m}" for t in BACKBONES for s in BACKBONES for m in ("ce", "rcekd")]
+    names = [f"teacher_{b}" for b in BACKBONES] + [f"student_{b}/seed_0" for b in BACKBONES]
+    names += [f"{t}_to_{s}/{m}/seed_0" for t in BACKBONES for s in BACKBONES for m in ("ce", "rcekd")]
     for name in names:
         record = json.loads((metrics / f"{name}.json").read_text())
         assert set(record["test"]) == {"recall@10", "ndcg@10", "recall@20", "ndcg@20"}
         assert 0.0 <= record["test"]["ndcg@20"] <= 1.0
-    table = (repo / "artifacts/citeulike/results.md").read_text()
-    assert all(f"| {name} |" in table for name in names), table
+        assert name.startswith("teacher_") or record["peak_rss_mb"] > 50  # the run's own peak memory
+    table = (repo / "artifacts/reports/citeulike/results.md").read_text()
+    for t in BACKBONES:
+        for s in BACKBONES:
+            assert f"## {t} → {s}" in table, table
+    assert table.count("| rcekd |") == 9 and table.count("| p-value | n/a |") == 9, table  # one seed: no test
     for backbone in BACKBONES:  # a curve and seconds per epoch for every teacher
         timing = (repo / f"artifacts/citeulike/teacher_{backbone}/timing.csv").read_text().splitlines()
         assert timing[0] == "epoch,epoch_seconds,prep_seconds,train_seconds" and len(timing) == 1 + 4
@@ -105,23 +112,65 @@ def test_repro_builds_every_run(repo: Path) -> None:
 def test_exp_run_reruns_only_the_changed_method(repo: Path) -> None:
     output = run(["dvc", "exp", "run", "-S", "kd.rcekd.weight=100"], repo)
     ran = ran_stages(output)
-    rcekd_cells = {f"{stage}@{t}-{s}-rcekd" for stage in ("distill", "evaluate") for t in BACKBONES for s in BACKBONES}
+    rcekd_cells = {f"{stage}@{t}-{s}-rcekd-0" for stage in ("distill", "evaluate") for t in BACKBONES for s in BACKBONES}
     assert rcekd_cells <= ran, output
     assert ran <= rcekd_cells | {"report"}, ran
 
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo))
-    changed = diff["artifacts/metrics/citeulike/mf_to_mf/rcekd.json"]
+    changed = diff["artifacts/metrics/citeulike/mf_to_mf/rcekd/seed_0.json"]
     assert any(entry.get("diff") not in (None, 0) for entry in changed.values()), changed
-    for unchanged in ("student_mf", "mf_to_mf/ce"):
+    summary = diff["artifacts/reports/citeulike/results.json"]  # every method in one table
+    assert any(key.startswith("mf_to_mf.runs.rcekd.") and entry.get("diff") for key, entry in summary.items()), summary
+    every = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], repo))["artifacts/reports/citeulike/results.json"]
+    assert {f"{t}_to_{s}.runs.{m}.ndcg@20.mean" for t in BACKBONES for s in BACKBONES for m in ("student", "ce", "rcekd")} <= set(every)
+    for unchanged in ("student_mf/seed_0", "mf_to_mf/ce/seed_0"):
         path = f"artifacts/metrics/citeulike/{unchanged}.json"
         assert path not in diff or not any(entry.get("diff") for entry in diff[path].values())
     assert "kd.rcekd.weight" in run(["dvc", "exp", "show", "--no-pager", "--csv"], repo)
 
 
-def test_plots_show_renders_histories(repo: Path) -> None:
-    output = run(["dvc", "plots", "show", "--json"], repo)
-    assert "valid_ndcg@20" in output
-    for backbone in BACKBONES:  # every teacher's curve and its seconds per epoch are plots
+FIGURES = ("valid_ndcg", "train_ndcg", "a_overlap", "s_u", "ranks")
+
+
+def test_plots_show_renders_every_figure(repo: Path) -> None:
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], repo))["data"]
+    for figure in FIGURES:  # each figure is drawn from its CSV, with a run label on every point
+        drawn = [p["content"]["data"]["values"] for plots in shown.values() for p in plots
+                 if f"figures/{figure}.csv" in json.dumps(p["content"]["data"]["values"][:1])]
+        assert drawn and drawn[0] and all(point["run"] for point in drawn[0]), (figure, list(shown))
+    for backbone in BACKBONES:  # every teacher's curve and its seconds per epoch are plots too
         for name in ("history.csv", "timing.csv"):
-            assert f"artifacts/citeulike/teacher_{backbone}/{name}" in output, (backbone, name)
-    assert "epoch_seconds" in output
+            assert f"artifacts/citeulike/teacher_{backbone}/{name}" in shown, (backbone, name)
+    run(["rcekd", "html-template", "--out", "page.html"], repo)
+    run(["dvc", "plots", "show", "--html-template", "page.html", "-o", "shown"], repo)
+    page = (repo / "shown/index.html").read_text()
+    assert "cdn.jsdelivr" not in page and "vegaEmbed" in page  # offline: the scripts are inlined
+    assert "paper Fig. 10" in page and "paper Table 7" in page
+
+
+def test_two_seeds_report_matches_scipy(repo: Path) -> None:
+    """The paper's protocol in small: two seeds, mean ± std, improvement over the best baseline and a
+    paired t-test, checked against numpy and scipy on the metrics files themselves."""
+    output = run(["dvc", "exp", "run", "-S", "grid.seeds=[0,1]", "-S", "grid.teachers=[mf]", "-S", "grid.students=[mf]"], repo)
+    assert {"distill@mf-mf-rcekd-1", "train_student@mf-1"} <= ran_stages(output)
+    assert "distill@mf-mf-rcekd-0" not in ran_stages(output)  # seed 0 is unchanged
+    metrics = repo / "artifacts/metrics/citeulike"
+    runs = {"student": "student_mf", "ce": "mf_to_mf/ce", "rcekd": "mf_to_mf/rcekd"}
+    values = {
+        label: {seed: json.loads((metrics / f"{path}/seed_{seed}.json").read_text())["test"] for seed in (0, 1)}
+        for label, path in runs.items()
+    }
+    report = json.loads((repo / "artifacts/reports/citeulike/results.json").read_text())["mf_to_mf"]
+    for metric in ("recall@10", "ndcg@10", "recall@20", "ndcg@20"):
+        series = {label: np.array([values[label][seed][metric] for seed in (0, 1)]) for label in runs}
+        for label, numbers in series.items():
+            assert report["runs"][label][metric]["mean"] == pytest.approx(numbers.mean())
+            assert report["runs"][label][metric]["std"] == pytest.approx(numbers.std(ddof=1))
+        best = max(("student", "ce"), key=lambda label: series[label].mean())
+        versus = report["rcekd_vs_best_baseline"][metric]
+        assert versus["baseline"] == best and versus["paired_seeds"] == 2
+        assert versus["improvement"] == pytest.approx(series["rcekd"].mean() / series[best].mean() - 1)
+        expected = stats.ttest_rel(series["rcekd"], series[best]).pvalue
+        assert versus["p_value"] == pytest.approx(expected) if np.isfinite(expected) else versus["p_value"] is None
+    table = (repo / "artifacts/reports/citeulike/results.md").read_text()
+    assert "| p-value |" in table and "±" in table, table

@@ -52,6 +52,17 @@ def soft_ce(
     return (-terms.sum(-1)).masked_fill(empty, 0.0)
 
 
+def rows_mask(known: UserItems, users: torch.Tensor) -> torch.Tensor:
+    """[n, I] bool: row r marks the items of users[r] (any order, repeats allowed), read from the CSR arrays."""
+    counts = known.counts[users]  # [n]
+    rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)  # [nnz]
+    first = torch.repeat_interleave(known.indptr[users] - (counts.cumsum(0) - counts), counts)
+    items = known.items[first + torch.arange(len(rows), device=users.device)]
+    mask = torch.zeros(len(users), known.n_items, dtype=torch.bool, device=users.device)
+    mask[rows, items] = True
+    return mask
+
+
 def pair_scores(user_vecs: torch.Tensor, item_table: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """Scores of each user against its own item list: [B, D] × items [B, N] → [B, N]."""
     return torch.einsum("bd,bnd->bn", user_vecs, item_table[items])

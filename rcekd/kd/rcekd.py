@@ -15,6 +15,8 @@ Ablations (paper §6.4, App. C.5), options too: variant = wo_sep (one CE on A^u 
 Q^T only), wo_t (CE on Q^S only); gamma_shape = linear (γ_u = 1 − s_u) instead of exponential;
 gamma_schedule = constant (γ = gamma_value), decreasing (global γ from 1 to 0 over schedule_epochs)
 or increasing (0 to 1) instead of per_user.
+Logged per epoch: overlap = mean s_u; a_overlap = the mean share of A^u that the student ranks in its own
+top-|A^u| (paper Table 7: how well the sampled set stands in for the items the student puts first).
 """
 
 from __future__ import annotations
@@ -55,6 +57,17 @@ def scheduled_gamma(schedule: str, epoch: int, *, epochs: int, value: float) -> 
     """The global γ of a schedule at `epoch` (1-based): constant, or linear over `epochs` epochs."""
     progress = min((epoch - 1) / max(epochs - 1, 1), 1.0)
     return {"constant": value, "decreasing": 1.0 - progress, "increasing": progress}[schedule]
+
+
+def top_share(scores: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, n_items: int) -> torch.Tensor:
+    """[B]: the share of each row's valid items that the student ranks in its own top-|row| (paper Table 7).
+
+    scores [B, I], items [B, N], valid [B, N]; a row with no valid item gives 0.
+    """
+    size = valid.sum(1)  # [B]
+    top = scores.topk(items.shape[1], dim=1).indices  # [B, N], best first
+    in_top = membership(items, top, n_items, members_mask=torch.arange(items.shape[1], device=items.device) < size[:, None])
+    return (in_top & valid).sum(1) / size.clamp(min=1)
 
 
 def dedupe_rows(items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -126,7 +139,7 @@ class RCEKD:
         self.set_mask = torch.empty(ctx.n_users, k + l, dtype=torch.bool, device=ctx.device)
         self.set_teacher_logits = torch.empty(ctx.n_users, k + l, device=ctx.device)
         self.gamma = torch.empty(ctx.n_users, device=ctx.device)
-        overlap_sum = 0.0
+        overlap_sum = a_overlap_sum = 0.0
         for start, end, scores in score_chunks(student, ctx.n_users, exclude=self.exclude, chunk=ctx.chunk, device=ctx.device):
             qt = self.teacher_items[start:end]  # [b, K]
             qs = scores.topk(k, dim=1).indices  # [b, K]
@@ -144,9 +157,11 @@ class RCEKD:
             self.set_teacher_logits[start:end] = teacher_rows.gather(1, a_items)
             self.gamma[start:end] = mixing_weight(overlap, beta=self.beta, shape=self.gamma_shape)
             overlap_sum += float(in_qs.float().mean(1).sum())
+            a_overlap_sum += float(top_share(scores, a_items, self.set_mask[start:end], ctx.n_items).sum())
         if self.gamma_schedule != "per_user":
             self.gamma.fill_(scheduled_gamma(self.gamma_schedule, self.epoch, epochs=self.schedule_epochs, value=self.gamma_value))
-        return {"overlap": overlap_sum / ctx.n_users, "gamma": float(self.gamma.mean())}
+        n = ctx.n_users
+        return {"overlap": overlap_sum / n, "a_overlap": a_overlap_sum / n, "gamma": float(self.gamma.mean())}
 
     def _sample(
         self, scores: torch.Tensor, qt: torch.Tensor, q2: torch.Tensor, generator: torch.Generator
