@@ -3,10 +3,12 @@ over the best baseline with a paired t-test, the cost of each method, and the fi
 
 Runs are named as in the metrics directory: `teacher_<b>` (one run, the teacher's seed),
 `student_<s>/seed_<n>` (the student alone) and `<t>_to_<s>/<method>/seed_<n>`. Within a setting
-`<t>_to_<s>`, the baselines are the student alone and every method whose name does not start with
-`rcekd` (RCE-KD's ablations are not baselines); RCE-KD is the method `rcekd`. The best baseline is
-chosen per metric by its mean; the t-test pairs the two runs of each seed (scipy.stats.ttest_rel,
-two-sided) and needs two seeds or more.
+`<t>_to_<s>`, the target (RCE-KD) and the baselines are given by name (`student` = the student alone);
+a run that is neither (an ablation, full CE) is listed but not compared. The best baseline is chosen
+per metric by its mean; the t-test pairs the two runs of each seed (scipy.stats.ttest_rel, two-sided)
+and needs two seeds or more. The cost columns: the median over epochs of the seconds of an epoch's
+training (the method's per-epoch preparation and the steps; validation and diagnostics left out), and
+the training run's peak resident (and GPU) memory.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from scipy import stats
 from rcekd.io import read_json
 
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
-TARGET = "rcekd"
-COST = ("seconds_per_epoch", "peak_rss_mb", "peak_gpu_mb")
+COST = ("train_seconds", "peak_rss_mb", "peak_gpu_mb")
+HISTORY = ("epoch", "valid_ndcg@20", "train_seconds")  # columns every run's history.csv must have
 
 
 @dataclass
@@ -60,14 +62,18 @@ def run_path(root: str | Path, name: str, seed: int | None) -> Path:
     return Path(root) / name / (f"seed_{seed}" if seed is not None else "")
 
 
-def collect(metrics_dir: str | Path, runs: list[tuple[str, int | None]]) -> dict[str, Run]:
-    """{run name: Run} from the evaluate stage's JSON files; a missing file is an error naming it."""
+def collect(metrics_dir: str | Path, runs_dir: str | Path | None, runs: list[tuple[str, int | None]]) -> dict[str, Run]:
+    """{run name: Run} from the evaluate stage's JSON files (and, with `runs_dir`, each run's median
+    training seconds per epoch from its history); a missing or malformed file is an error naming it."""
     out: dict[str, Run] = {}
     for name, seed in runs:
         path = run_path(metrics_dir, name, seed).with_suffix(".json") if seed is not None else Path(metrics_dir) / f"{name}.json"
         record = read_json(path)
         if not isinstance(record.get("test"), dict) or any(m not in record["test"] for m in METRICS):
             raise ValueError(f"{path}: expected test metrics {', '.join(METRICS)} (an evaluate stage's output)")
+        if runs_dir is not None:
+            history = read_rows(run_path(runs_dir, name, seed) / "history.csv", HISTORY)
+            record = {**record, "train_seconds": float(np.median([float(row["train_seconds"]) for row in history]))}
         out.setdefault(name, Run(name)).records[seed if seed is not None else 0] = record
     return out
 
@@ -101,9 +107,9 @@ def compare(target: Run, baselines: list[Run], metric: str) -> dict:
     }
 
 
-def summarize(runs: dict[str, Run], settings: list[tuple[str, str]]) -> dict:
-    """The report as one JSON-able dict (a DVC metrics file): per setting, every run's summary and
-    RCE-KD against the best baseline on every metric."""
+def summarize(runs: dict[str, Run], settings: list[tuple[str, str]], *, target: str, baselines: list[str]) -> dict:
+    """The report as one JSON-able dict (a DVC metrics file): per setting, every run's summary and the
+    target method against the best of `baselines` present (`student` = the student alone) on every metric."""
     report: dict = {"teachers": {name: run.summary() for name, run in runs.items() if name.startswith("teacher_")}}
     for teacher, student in settings:
         setting = f"{teacher}_to_{student}"
@@ -113,10 +119,10 @@ def summarize(runs: dict[str, Run], settings: list[tuple[str, str]]) -> dict:
         if alone is not None:
             block["runs"]["student"] = alone.summary()
         block["runs"].update({method: run.summary() for method, run in members.items()})
-        baselines = [run for method, run in members.items() if not method.startswith(TARGET)]
-        baselines += [alone] if alone is not None else []
-        if TARGET in members and baselines:
-            block[f"{TARGET}_vs_best_baseline"] = {m: compare(members[TARGET], baselines, m) for m in METRICS}
+        candidates = {**members, **({"student": alone} if alone is not None else {})}
+        present = [candidates[name] for name in baselines if name in candidates and name != target]
+        if target in members and present:
+            block["vs_best_baseline"] = {"target": target, **{m: compare(members[target], present, m) for m in METRICS}}
         report[setting] = block
     return report
 
@@ -131,13 +137,15 @@ def markdown(report: dict, *, title: str, seeds: list[int]) -> str:
         "(validation included); peak MiB = the run's peak resident memory.",
         "",
     ]
-    header = "| run | " + " | ".join(METRICS) + " | seeds | s/epoch | peak MiB |"
-    rule = "|---|" + "---:|" * (len(METRICS) + 3)
+    gpu = any("peak_gpu_mb" in summary for block in report.values() for summary in _summaries(block))
+    costs = ["train_seconds", "peak_rss_mb"] + (["peak_gpu_mb"] if gpu else [])
+    header = "| run | " + " | ".join(METRICS) + " | seeds | s/epoch | peak RSS MiB |" + (" peak GPU MiB |" if gpu else "")
+    rule = "|---|" + "---:|" * (len(METRICS) + 1 + len(costs))
+    blank = " |" * (2 + len(costs))  # closes the last metric cell, then empty seeds and cost cells
 
     def row(name: str, summary: dict) -> str:
         cells = [_mean_std(summary[m]) for m in METRICS]
-        cost = [f"{summary[k]:.2f}" if k in summary else "" for k in ("seconds_per_epoch",)]
-        cost += [f"{summary['peak_rss_mb']:.0f}" if "peak_rss_mb" in summary else ""]
+        cost = [(f"{summary[k]:.2f}" if k == "train_seconds" else f"{summary[k]:.0f}") if k in summary else "" for k in costs]
         return f"| {name} | " + " | ".join(cells) + f" | {summary['seeds']} | " + " | ".join(cost) + " |"
 
     for setting, block in report.items():
@@ -148,19 +156,23 @@ def markdown(report: dict, *, title: str, seeds: list[int]) -> str:
         if f"teacher_{teacher}" in report["teachers"]:
             lines.append(row(f"teacher ({teacher})", report["teachers"][f"teacher_{teacher}"]))
         lines += [row(name, summary) for name, summary in block["runs"].items()]
-        versus = block.get(f"{TARGET}_vs_best_baseline")
+        versus = block.get("vs_best_baseline")
         if versus:
-            lines.append("| best baseline | " + " | ".join(versus[m]["baseline"] for m in METRICS) + " | | | |")
-            lines.append("| Improv. | " + " | ".join(_percent(versus[m]["improvement"]) for m in METRICS) + " | | | |")
+            lines.append("| best baseline | " + " | ".join(versus[m]["baseline"] for m in METRICS) + blank)
+            lines.append(f"| Improv. of {versus['target']} | " + " | ".join(_percent(versus[m]["improvement"]) for m in METRICS) + blank)
             lines.append("| p-value | " + " | ".join(_p(versus[m]["p_value"]) for m in METRICS)
-                         + f" | {versus[METRICS[0]]['paired_seeds']} | | |")
+                         + f" | {versus[METRICS[0]]['paired_seeds']} |" + " |" * len(costs))
         lines.append("")
     lines.append(
-        f"Improv. = relative change of `{TARGET}`'s mean over the best baseline's mean (the student alone or a "
-        f"method not named `{TARGET}*`); p-value: paired t-test over seeds (scipy.stats.ttest_rel, two-sided; "
-        "needs 2 seeds or more)."
+        "Improv. = relative change of the target's mean over the best baseline's mean (params `report`); "
+        "p-value: paired t-test over seeds (scipy.stats.ttest_rel, two-sided; needs 2 seeds or more). "
+        "s/epoch = median seconds of an epoch's training (per-epoch preparation and steps; validation left out)."
     )
     return "\n".join(lines) + "\n"
+
+
+def _summaries(block: dict) -> list[dict]:
+    return list(block.get("runs", block).values()) if isinstance(block, dict) else []
 
 
 def _mean_std(value: dict) -> str:
@@ -178,11 +190,16 @@ def _p(value: float | None) -> str:
 # The figures: CSV files drawn by the plot definitions of dvc.yaml.
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:
+    """The rows of a run's CSV (history or diagnostics), checked for the columns the report reads."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: file not found (written by the run's train or distill stage)")
     with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (has {reader.fieldnames}); rerun its stage")
+        return list(reader)
 
 
 def figure_tables(runs_dir: str | Path, runs: list[tuple[str, int | None]]) -> dict[str, list[dict]]:
@@ -194,28 +211,28 @@ def figure_tables(runs_dir: str | Path, runs: list[tuple[str, int | None]]) -> d
     first_seed = min((seed for _, seed in runs if seed is not None), default=None)
     for name, seed in runs:
         where = run_path(runs_dir, name, seed)
-        history = read_rows(where / "history.csv")
+        history = read_rows(where / "history.csv", HISTORY)
         label = {"run": name, "seed": "" if seed is None else seed}
         epochs_run = len(history)
         for row in history:
             tables["valid_ndcg"].append({**label, "epoch": int(row["epoch"]), "valid_ndcg@20": float(row["valid_ndcg@20"])})
-            if row.get("a_overlap"):
+            if row.get("a_overlap"):  # measured in the epoch's preparation, before its steps
                 tables["a_overlap"].append({
-                    **label, "epoch": int(row["epoch"]), "training_share": int(row["epoch"]) / epochs_run,
+                    **label, "epoch": int(row["epoch"]), "training_share": (int(row["epoch"]) - 1) / epochs_run,
                     "a_overlap": float(row["a_overlap"]),
                 })
         if "_to_" not in name:
             continue
         diagnostics = where / "diagnostics"
-        for row in read_rows(diagnostics / "epochs.csv"):
+        for row in read_rows(diagnostics / "epochs.csv", ("epoch", "train_ndcg@10")):
             tables["train_ndcg"].append({**label, "epoch": int(row["epoch"]), "train_ndcg@10": float(row["train_ndcg@10"])})
-        for row in read_rows(diagnostics / "s_u.csv"):
+        for row in read_rows(diagnostics / "s_u.csv", ("phase", "s_u", "users")):
             key = (name, row["phase"], row["s_u"])
             s_u[key] = s_u.get(key, 0) + int(row["users"])
         if seed == first_seed:
             tables["ranks"] += [
                 {"run": name, "phase": row["phase"], "teacher_rank": int(row["teacher_rank"]), "student_rank": int(row["student_rank"])}
-                for row in read_rows(diagnostics / "ranks.csv")
+                for row in read_rows(diagnostics / "ranks.csv", ("phase", "teacher_rank", "student_rank"))
             ]
     totals: dict[tuple[str, str], int] = {}
     for (name, phase, _), users in s_u.items():

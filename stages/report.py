@@ -16,12 +16,12 @@ def main(
     metrics: Path = typer.Option(..., help="Directory of the evaluate stages' metrics JSON files."),
     runs: Path = typer.Option(..., help="Directory of the runs' histories and diagnostics (artifacts/<dataset>)."),
     table: Path = typer.Option(..., help="Output Markdown table, laid out like the paper's Table 1."),
-    json: Path = typer.Option(..., help="Output JSON (a DVC metrics file): mean, std, improvement, p-value."),
+    summary: Path = typer.Option(..., "--json", help="Output JSON (a DVC metrics file): mean, std, improvement, p-value."),
     figures: Path = typer.Option(..., help="Output directory of the figures' CSV files (DVC plots)."),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Aggregate every run of the grid over its seeds (params: grid): mean ± std, RCE-KD against the best
-    baseline (relative improvement, paired t-test), seconds per epoch and peak memory; and the figures."""
+    """Aggregate every run of the grid over its seeds (params: grid, report): mean ± std, the target against
+    the best baseline (relative improvement, paired t-test), seconds per epoch and peak memory; and the figures."""
     try:
         all_params = load_params(params)
         lists = {key: section(all_params, f"grid.{key}", params) for key in ("teachers", "students", "methods", "seeds")}
@@ -31,17 +31,21 @@ def main(
         seeds = lists["seeds"]
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) < len(seeds):
             raise ParamsError(f"{params}: grid.seeds = {seeds!r}; expected distinct integers >= 0")
+        target = section(all_params, "report.target", params)
+        baselines = section(all_params, "report.baselines", params)
+        if not isinstance(target, str) or not isinstance(baselines, list) or not all(isinstance(b, str) for b in baselines):
+            raise ParamsError(f"{params}: report.target = {target!r}, report.baselines = {baselines!r}; expected a name and a list of names")
         names = grid_runs(lists["teachers"], lists["students"], lists["methods"], seeds)
-        found = collect(metrics, names)
+        found = collect(metrics, runs, names)
         tables = figure_tables(runs, names)
     except (ParamsError, ValueError, FileNotFoundError) as err:
         fail(err)
     settings = [(t, s) for t in lists["teachers"] for s in lists["students"]]
-    report = summarize(found, settings)
+    report = summarize(found, settings, target=target, baselines=baselines)
     text = markdown(report, title=f"Results: {metrics.name}", seeds=seeds)
     with atomic_path(figures) as tmp:
         write_figures(tmp, tables)
-    write_json(json, report)
+    write_json(summary, report)
     with atomic_path(table) as tmp:
         tmp.write_text(text)
     log(text)
