@@ -86,9 +86,9 @@ def mean_std(values: list[float]) -> dict[str, float | None]:
     }
 
 
-def compare(target: Run, baselines: list[Run], metric: str) -> dict:
-    """RCE-KD against the best baseline (highest mean) on one metric: improvement and paired t-test."""
-    best = max(baselines, key=lambda run: np.mean(list(run.values(metric).values())))
+def compare(target: Run, baselines: dict[str, Run], metric: str) -> dict:
+    """The target against the best of {label: run} (highest mean) on one metric: improvement and paired t-test."""
+    label, best = max(baselines.items(), key=lambda item: np.mean(list(item[1].values(metric).values())))
     ours, theirs = target.values(metric), best.values(metric)
     seeds = sorted(set(ours) & set(theirs))
     a, b = [ours[s] for s in seeds], [theirs[s] for s in seeds]
@@ -98,7 +98,7 @@ def compare(target: Run, baselines: list[Run], metric: str) -> dict:
         p_value = p if math.isfinite(p) else None  # identical differences: no test
     mean_ours, mean_best = float(np.mean(list(ours.values()))), float(np.mean(list(theirs.values())))
     return {
-        "baseline": best.name.split("/")[-1],
+        "baseline": label,
         "ours": mean_ours,
         "best_baseline": mean_best,
         "improvement": mean_ours / mean_best - 1 if mean_best > 0 else None,
@@ -120,7 +120,7 @@ def summarize(runs: dict[str, Run], settings: list[tuple[str, str]], *, target: 
             block["runs"]["student"] = alone.summary()
         block["runs"].update({method: run.summary() for method, run in members.items()})
         candidates = {**members, **({"student": alone} if alone is not None else {})}
-        present = [candidates[name] for name in baselines if name in candidates and name != target]
+        present = {name: candidates[name] for name in baselines if name in candidates and name != target}
         if target in members and present:
             block["vs_best_baseline"] = {"target": target, **{m: compare(members[target], present, m) for m in METRICS}}
         report[setting] = block
@@ -133,8 +133,8 @@ def markdown(report: dict, *, title: str, seeds: list[int]) -> str:
         f"# {title}",
         "",
         f"Test split, full ranking, the checkpoint of the best validation NDCG@20 epoch; mean ± std over "
-        f"{len(seeds)} seed(s) {seeds} (the teacher: one run). s/epoch = seconds per training epoch "
-        "(validation included); peak MiB = the run's peak resident memory.",
+        f"{len(seeds)} seed(s) {seeds} (the teacher: one run). Costs as in the paper's Tables 2 and 3: "
+        "s/epoch and the training run's peak memory (see the note below the tables).",
         "",
     ]
     gpu = any("peak_gpu_mb" in summary for block in report.values() for summary in _summaries(block))
