@@ -145,6 +145,8 @@ def test_plots_show_renders_every_figure(repo: Path) -> None:
     run(["dvc", "plots", "show", "--html-template", "page.html", "-o", "shown"], repo)
     page = (repo / "shown/index.html").read_text()
     assert "cdn.jsdelivr" not in page and "vegaEmbed" in page  # offline: the scripts are inlined
+    embeds = re.findall(r"vegaEmbed\('#([^,]*), spec", page)  # a quote in a plot id breaks the script
+    assert len(embeds) == len(shown) and all(e.count("'") == 1 and e.endswith("'") for e in embeds), embeds
     assert "paper Fig. 10" in page and "paper Table 7" in page
 
 
