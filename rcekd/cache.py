@@ -1,16 +1,23 @@
 """Teacher cache: the teacher's scores written once, read by every distillation method.
 
 A cache directory holds
-- `scores.f32`: the full |U|×|I| float32 score matrix as a raw memmap, written chunk by chunk;
-- `topk.parquet`: per user the teacher's top-K items among non-training items, with scores;
-- `meta.json`: shape, dtype, K, the split fingerprint and the teacher checkpoint's sha256.
-`TeacherCache.open` validates all of it before any method uses the cache.
+- the scores, in one of three stores (params `cache.store`):
+  `float32`: `scores.f32`, the full |U|×|I| score matrix, raw, row-major (Gowalla: 4.9 GB);
+  `float16`: `scores.f16`, the same at half precision (half the disk and reads);
+  `factors`: `users.f32` [|U|, D] and `items.f32` [|I|, D], the teacher's final user vectors and item
+  table, whose products are its scores (MF dim 400 on Gowalla: 0.11 GB); rows are computed on read;
+- `topk.parquet`: per user the teacher's top-K items among non-training items, with scores (always
+  from the float32 scores);
+- `meta.json`: store, shape, K, the split fingerprint and the teacher checkpoint's sha256.
+Scores are written and read with plain file I/O in chunks of users, never mapped into memory, so a
+process's resident memory stays at a few chunks whatever the matrix's size.
+`TeacherCache` validates all of it before any method uses the cache.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -23,9 +30,32 @@ from rcekd.evaluate import score_chunks
 from rcekd.io import atomic_path, read_json, write_json
 from rcekd.sparse import UserItems
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TOPK_SCHEMA = pa.schema([("user", pa.int32()), ("rank", pa.int16()), ("item", pa.int32()), ("score", pa.float32())])
+SCORE_FILES = {"float32": ("scores.f32", np.float32), "float16": ("scores.f16", np.float16)}
+STORES = (*SCORE_FILES, "factors")
 
+
+@torch.no_grad()
+def encode_all(model: nn.Module, n_users: int, *, chunk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's user vectors [U, D] (in chunks of users) and item table [I, D], in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        parts, table = [], None
+        for start in range(0, n_users, chunk):
+            vecs, table = model.encode(torch.arange(start, min(start + chunk, n_users), device=device))
+            parts.append(vecs)
+        return torch.cat(parts), table.detach()
+    finally:
+        model.train(was_training)
+
+
+def product_chunks(users: torch.Tensor, items: torch.Tensor, chunk: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(start, end, users[start:end] @ items.T) over chunks of users: the scores of a factors store."""
+    for start in range(0, len(users), chunk):
+        end = min(start + chunk, len(users))
+        yield start, end, users[start:end] @ items.T
 
 def write_cache(
     teacher: nn.Module,
@@ -36,43 +66,60 @@ def write_cache(
     checkpoint_sha256: str,
     chunk: int,
     device: torch.device,
+    store: str = "float32",
     progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> dict:
-    """Score every user against every item in chunks; write the memmap, the top-K Parquet and meta."""
+    """Score every user against every item in chunks; write the store, the top-K Parquet and meta."""
     if not 0 < topk <= splits.n_items:
         raise ValueError(f"cache.topk = {topk}: expected 1..{splits.n_items} (the number of items)")
+    if store not in STORES:
+        raise ValueError(f"cache.store = {store!r}: expected one of {', '.join(STORES)}")
     train = UserItems(splits.train, splits.n_users, splits.n_items, device)
     shape = (splits.n_users, splits.n_items)
-    tops_items, tops_scores = [], []
+    items = np.empty(shape[0] * topk, dtype=np.int32)
+    values = np.empty(shape[0] * topk, dtype=np.float32)
+    extra: dict = {}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        memmap = np.memmap(tmp / "scores.f32", dtype=np.float32, mode="w+", shape=shape)
-        for start, end, scores in score_chunks(teacher, splits.n_users, exclude=[], chunk=chunk, device=device):
-            memmap[start:end] = scores.cpu().numpy()
-            rows, cols = train.block(start, end)
-            scores[rows, cols] = float("-inf")
-            top = scores.topk(topk, dim=1)
-            tops_items.append(top.indices.cpu())
-            tops_scores.append(top.values.cpu())
-            progress(end, splits.n_users)
-        memmap.flush()
-        del memmap
-        items = torch.cat(tops_items).numpy()  # [U, K]
-        values = torch.cat(tops_scores).numpy()
+        if store == "factors":
+            user_vecs, item_table = encode_all(teacher, splits.n_users, chunk=chunk, device=device)
+            (tmp / "users.f32").write_bytes(user_vecs.float().cpu().numpy().tobytes())
+            (tmp / "items.f32").write_bytes(item_table.float().cpu().numpy().tobytes())
+            extra["dim"] = int(user_vecs.shape[1])
+            blocks = product_chunks(user_vecs, item_table, chunk)
+            handle = None
+        else:
+            blocks = score_chunks(teacher, splits.n_users, exclude=[], chunk=chunk, device=device)
+            name, dtype = SCORE_FILES[store]
+            handle = open(tmp / name, "wb")
+        try:
+            for start, end, scores in blocks:
+                if handle is not None:
+                    handle.write(np.ascontiguousarray(scores.cpu().numpy(), dtype=dtype))  # the buffer itself, no bytes copy
+                rows, cols = train.block(start, end)
+                scores[rows, cols] = float("-inf")
+                top = scores.topk(topk, dim=1)
+                items[start * topk : end * topk] = top.indices.cpu().numpy().reshape(-1)
+                values[start * topk : end * topk] = top.values.cpu().numpy().reshape(-1)
+                progress(end, splits.n_users)
+        finally:
+            if handle is not None:
+                handle.close()
         table = pa.table(
             [
                 pa.array(np.repeat(np.arange(shape[0], dtype=np.int32), topk)),
                 pa.array(np.tile(np.arange(topk, dtype=np.int16), shape[0])),
-                pa.array(items.reshape(-1).astype(np.int32)),
-                pa.array(values.reshape(-1).astype(np.float32)),
+                pa.array(items),
+                pa.array(values),
             ],
             schema=TOPK_SCHEMA,
         )
         pq.write_table(table, tmp / "topk.parquet")
         meta = {
             "format_version": FORMAT_VERSION,
+            "store": store,
             "shape": list(shape),
-            "dtype": "float32",
+            **extra,
             "topk": topk,
             "topk_excludes": "train",
             "split_fingerprint": splits.fingerprint,
@@ -83,7 +130,7 @@ def write_cache(
 
 
 class TeacherCache:
-    """Validated read access to a cache directory; tensors come back on `device`."""
+    """Validated read access to a cache directory; tensors come back on `device`, as float32."""
 
     def __init__(
         self,
@@ -102,7 +149,7 @@ class TeacherCache:
         expected_shape = [splits.n_users, splits.n_items]
         problems = []
         if meta.get("format_version") != FORMAT_VERSION:
-            problems.append(f"format_version {meta.get('format_version')} (expected {FORMAT_VERSION})")
+            problems.append(f"format_version {meta.get('format_version')} (expected {FORMAT_VERSION}: rerun the cache_teacher stage)")
         if meta.get("split_fingerprint") != splits.fingerprint:
             problems.append(
                 f"split fingerprint {meta.get('split_fingerprint')} (the dataset {splits.name} has {splits.fingerprint})"
@@ -113,45 +160,74 @@ class TeacherCache:
             )
         if meta.get("shape") != expected_shape:
             problems.append(f"shape {meta.get('shape')} (the dataset has {expected_shape})")
-        if meta.get("dtype") != "float32":
-            problems.append(f"dtype {meta.get('dtype')} (expected float32)")
-        scores_path = directory / "scores.f32"
-        expected_bytes = splits.n_users * splits.n_items * 4
-        if not scores_path.exists():
-            problems.append("scores.f32 missing")
-        elif scores_path.stat().st_size != expected_bytes:
-            problems.append(f"scores.f32 has {scores_path.stat().st_size} bytes (expected {expected_bytes}: truncated?)")
+        store = meta.get("store")
+        if store not in STORES:
+            problems.append(f"store {store!r} (expected one of {', '.join(STORES)})")
+        elif store == "factors":
+            dim = meta.get("dim")
+            files = {"users.f32": splits.n_users, "items.f32": splits.n_items}
+            if not isinstance(dim, int) or dim < 1:
+                problems.append(f"dim {dim!r} (expected an integer >= 1)")
+            else:
+                problems += _size_problems(directory, {name: rows * dim * 4 for name, rows in files.items()})
+        else:
+            name, dtype = SCORE_FILES[store]
+            problems += _size_problems(directory, {name: splits.n_users * splits.n_items * np.dtype(dtype).itemsize})
         if problems:
             raise ValueError(f"{directory}: teacher cache does not match: " + "; ".join(problems))
         self.meta = meta
         self.directory = directory
+        self.store = store
         self.n_users, self.n_items = expected_shape
         self.device = device
         self.chunk = chunk
-        self.scores = np.memmap(scores_path, dtype=np.float32, mode="r", shape=tuple(expected_shape))
+        if store == "factors":
+            read = lambda name, rows: torch.from_numpy(np.fromfile(directory / name, dtype=np.float32).reshape(rows, -1))
+            self.user_vecs = read("users.f32", self.n_users).to(device)
+            self.item_table = read("items.f32", self.n_items).to(device)
+        else:
+            self.path, self.dtype = directory / SCORE_FILES[store][0], np.dtype(SCORE_FILES[store][1])
 
     def rows(self, start: int, end: int) -> torch.Tensor:
         """Teacher scores of users [start, end) for all items: [end - start, I]."""
-        return torch.from_numpy(np.array(self.scores[start:end])).to(self.device)
+        if self.store == "factors":
+            return self.user_vecs[start:end] @ self.item_table.T
+        row_bytes = self.n_items * self.dtype.itemsize
+        block = np.fromfile(self.path, dtype=self.dtype, count=(end - start) * self.n_items, offset=start * row_bytes)
+        return self._tensor(block.reshape(end - start, self.n_items))
 
     def rows_of(self, users: torch.Tensor) -> torch.Tensor:
         """Teacher scores of the given users for all items: [B, I] (a batch's users, any order)."""
-        index = users.cpu().numpy()
-        return torch.from_numpy(np.asarray(self.scores[index])).to(self.device)
+        if self.store == "factors":
+            return self.user_vecs[users] @ self.item_table.T
+        out = np.empty((len(users), self.n_items), dtype=self.dtype)
+        row_bytes = self.n_items * self.dtype.itemsize
+        with open(self.path, "rb") as handle:
+            for row, user in enumerate(users.tolist()):
+                handle.seek(user * row_bytes)
+                handle.readinto(memoryview(out[row]).cast("B"))
+        return self._tensor(out)
+
+    def take(self, start: int, end: int, items: torch.Tensor) -> torch.Tensor:
+        """Teacher scores of users [start, end) at their own items [end - start, N]: rows(...).gather(1, items),
+        without forming the rows when the store is factors."""
+        if self.store == "factors":
+            return torch.einsum("bd,bnd->bn", self.user_vecs[start:end], self.item_table[items])
+        return self.rows(start, end).gather(1, items)
 
     def gather(self, items: torch.Tensor) -> torch.Tensor:
         """Teacher scores of (u, items[u, n]) for every user u: [U, N], read in chunks of users."""
         out = torch.empty(items.shape, dtype=torch.float32, device=self.device)
         for start in range(0, self.n_users, self.chunk):
             end = min(start + self.chunk, self.n_users)
-            out[start:end] = self.rows(start, end).gather(1, items[start:end])
+            out[start:end] = self.take(start, end, items[start:end])
         return out
 
     def topk(self, k: int, *, exclude: UserItems | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher top-k items [U, k] and scores [U, k], best first, among items not in `exclude`.
 
         With `exclude` = the training items and k within the stored K this reads the Parquet lists;
-        otherwise (training items kept, or a larger k) it scans the memmap in chunks of users.
+        otherwise (training items kept, or a larger k) it scans the scores in chunks of users.
         """
         if not 0 < k <= self.n_items:
             raise ValueError(f"teacher top-k with k = {k}: expected 1..{self.n_items}")
@@ -172,3 +248,18 @@ class TeacherCache:
             items.append(top.indices)
             scores.append(top.values)
         return torch.cat(items), torch.cat(scores)
+
+    def _tensor(self, block: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(block).to(self.device, torch.float32)
+
+
+def _size_problems(directory: Path, sizes: dict[str, int]) -> list[str]:
+    """A message for each file of `sizes` (name → expected bytes) that is missing or of another size."""
+    problems = []
+    for name, expected in sizes.items():
+        path = directory / name
+        if not path.exists():
+            problems.append(f"{name} missing")
+        elif path.stat().st_size != expected:
+            problems.append(f"{name} has {path.stat().st_size} bytes (expected {expected}: truncated?)")
+    return problems

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from rcekd.cache import write_cache
+from rcekd.cache import STORES, write_cache
 from rcekd.checkpoint import load_checkpoint
 from rcekd.data import load_splits
 from rcekd.io import file_sha256
@@ -23,6 +23,9 @@ def main(
 ) -> None:
     """Score all users × items with the teacher, chunk by chunk (params: device, cache).
 
+    cache.store: float32 (the full score matrix), float16 (half the disk and reads) or factors (the
+    teacher's user vectors and item table; scores are recomputed on read).
+
     An HSTU teacher's scores are the logits it was trained on (cosine / temperature) unless
     cache.hstu_logit is `cosine` (the authors' code)."""
     try:
@@ -32,6 +35,9 @@ def main(
         for key, value in (("topk", topk), ("chunk", chunk)):
             if not isinstance(value, int) or value < 1:
                 raise ParamsError(f"{params}: cache.{key} = {value!r}; expected an integer >= 1")
+        store = section(all_params, "cache.store", params)
+        if store not in STORES:
+            raise ParamsError(f"{params}: cache.store = {store!r}; expected one of {', '.join(STORES)}")
         logit = section(all_params, "cache.hstu_logit", params)
         if logit not in ("trained", "cosine"):
             raise ParamsError(f"{params}: cache.hstu_logit = {logit!r}; expected 'trained' (cosine / temperature) or 'cosine'")
@@ -44,10 +50,10 @@ def main(
         fail(err)
     if topk > splits.n_items:
         fail(ParamsError(f"{params}: cache.topk = {topk} exceeds the {splits.n_items} items of {splits.name}"))
-    size_gb = splits.n_users * splits.n_items * 4 / 1e9
-    log(f"cache_teacher: {splits.n_users} x {splits.n_items} float32 scores ({size_gb:.2f} GB) + top-{topk} lists")
+    what = "factors" if store == "factors" else f"{store} scores ({splits.n_users * splits.n_items * (2 if store == 'float16' else 4) / 1e9:.2f} GB)"
+    log(f"cache_teacher: {splits.n_users} x {splits.n_items}, stored as {what} + top-{topk} lists")
     write_cache(
         teacher, splits, out, topk=topk, checkpoint_sha256=file_sha256(checkpoint), chunk=chunk, device=device,
-        progress=progress("cache_teacher"),
+        store=store, progress=progress("cache_teacher"),
     )
     log(f"cache_teacher: wrote {out}")

@@ -15,6 +15,7 @@ from rcekd.backbones import MF
 from rcekd.cache import TeacherCache, write_cache
 from rcekd.checkpoint import load_checkpoint, save_checkpoint
 from rcekd.data import Splits
+from rcekd.io import read_json, write_json
 from rcekd.sparse import UserItems
 from rcekd.train import bpr_loss, sample_negatives
 
@@ -160,6 +161,50 @@ def test_cache_refuses_truncated_scores(cache_dir, splits):
         TeacherCache(directory, splits=splits, device=CPU)
     path.unlink()
     with pytest.raises(ValueError, match="scores.f32 missing"):
+        TeacherCache(directory, splits=splits, device=CPU)
+
+
+@pytest.mark.parametrize("store, tolerance", [("float16", 2e-3), ("factors", 1e-5)])
+def test_cache_stores_read_like_float32(cache_dir, splits, tmp_path, store, tolerance):
+    """The float16 and factors stores give the float32 store's scores through every read (float16 at
+    half precision), the same top-K lists, and files of the sizes announced."""
+    directory, scores = cache_dir
+    teacher = make_teacher()
+    with torch.no_grad():
+        teacher.item_emb.weight[1] = teacher.user_emb.weight[0] * 10  # as the fixture
+    other = tmp_path / store
+    meta = write_cache(teacher, splits, other, topk=STORED_K, checkpoint_sha256="f" * 64, chunk=3, device=CPU, store=store)
+    assert meta["store"] == store
+    full = TeacherCache(directory, splits=splits, device=CPU, chunk=3)
+    cache = TeacherCache(other, splits=splits, device=CPU, chunk=3)
+    close = dict(rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(cache.rows(0, N_USERS).numpy(), scores, **close)
+    np.testing.assert_allclose(cache.rows(2, 5).numpy(), scores[2:5], **close)
+    users = torch.tensor([5, 0, 5, 3])
+    np.testing.assert_allclose(cache.rows_of(users).numpy(), scores[users.numpy()], **close)
+    np.testing.assert_allclose(full.rows_of(users).numpy(), scores[users.numpy()], rtol=1e-5, atol=1e-5)
+    items = torch.tensor([[(u * 3 + n) % N_ITEMS for n in range(5)] for u in range(N_USERS)])
+    np.testing.assert_allclose(cache.gather(items).numpy(), full.gather(items).numpy(), **close)
+    np.testing.assert_allclose(cache.take(1, 4, items[1:4]).numpy(), full.take(1, 4, items[1:4]).numpy(), **close)
+    train = UserItems(splits.train, N_USERS, N_ITEMS)
+    assert torch.equal(cache.topk(STORED_K, exclude=train)[0], full.topk(STORED_K, exclude=train)[0])
+    assert cache.topk(STORED_K + 2, exclude=train)[0].tolist() == reference_topk(scores, STORED_K + 2, train_sets(splits))
+    sizes = {"float16": {"scores.f16": N_USERS * N_ITEMS * 2}, "factors": {"users.f32": N_USERS * 3 * 4, "items.f32": N_ITEMS * 3 * 4}}
+    for name, size in sizes[store].items():
+        assert (other / name).stat().st_size == size
+        os.truncate(other / name, size - 2)
+        with pytest.raises(ValueError, match=rf"{name} has {size - 2} bytes.*truncated"):
+            TeacherCache(other, splits=splits, device=CPU)
+        os.truncate(other / name, size)
+    with pytest.raises(ValueError, match="cache.store = 'float8'.*float32, float16, factors"):
+        write_cache(teacher, splits, tmp_path / "bad", topk=2, checkpoint_sha256="0", chunk=3, device=CPU, store="float8")
+
+
+def test_cache_refuses_an_old_format(cache_dir, splits):
+    directory, _ = cache_dir
+    meta = read_json(directory / "meta.json")
+    write_json(directory / "meta.json", {**meta, "format_version": 1})
+    with pytest.raises(ValueError, match="format_version 1 .expected 2: rerun the cache_teacher stage"):
         TeacherCache(directory, splits=splits, device=CPU)
 
 

@@ -13,7 +13,7 @@ from rcekd.backbones import MF
 from rcekd.cache import TeacherCache, write_cache
 from rcekd.data import Splits
 from rcekd.kd import KDContext
-from rcekd.kd.rcekd import RCEKD, dedupe_rows, membership, mixing_weight, rank_above_counts
+from rcekd.kd.rcekd import RCEKD, dedupe_rows, membership, mixing_weight, ordered_keys, rank_above_counts, sampling_weights
 from rcekd.sparse import UserItems
 
 # ---------------------------------------------------------------- pure pieces
@@ -62,6 +62,30 @@ def test_rank_above_counts_brute_force():
         refs = [scores[b, i].item() for i, m in zip(ref_items[b].tolist(), ref_mask[b].tolist()) if m]
         for j in range(15):
             assert z[b, j].item() == sum(r < scores[b, j].item() for r in refs), (b, j)
+
+
+def test_sampling_weights_equal_lookup_of_rank_above_counts():
+    """The sparse search gives exactly table[z] (ties, −inf, ±0.0, an empty reference row)."""
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randint(-4, 5, (7, 40), generator=gen).float() / 2
+    scores[0, :5] = float("-inf")
+    scores[1, :4] = torch.tensor([0.0, -0.0, 1e-30, -1e-30])
+    ref_items = torch.stack([torch.randperm(40, generator=gen)[:9] for _ in range(7)])
+    ref_mask = torch.rand(7, 9, generator=gen) < 0.5
+    ref_mask[2] = False  # no reference: every z is 0
+    ref_items[1, :2], ref_mask[1, :2] = torch.tensor([1, 2]), True  # −0.0 and 1e-30 as references
+    table = torch.exp(torch.arange(10, dtype=torch.float32) / 3.0)
+    expected = table[rank_above_counts(scores, ref_items, ref_mask)]
+    assert torch.equal(sampling_weights(scores, ref_items, ref_mask, table), expected)
+
+
+def test_ordered_keys_keep_the_order_of_floats():
+    values = torch.tensor([float("-inf"), -3e38, -1.0, -1e-30, -0.0, 0.0, 1e-30, 1.0, 3e38, float("inf")])
+    keys = ordered_keys(values)
+    assert (keys[1:] >= keys[:-1]).all() and keys[4] == keys[5]  # −0.0 == +0.0, as `<` sees them
+    assert int(keys.min()) >= 0 and int(keys.max()) < 2**32
+    shuffled = torch.randn(1000)
+    assert torch.equal(torch.argsort(ordered_keys(shuffled), stable=True), torch.argsort(shuffled, stable=True))
 
 
 def test_mixing_weight():

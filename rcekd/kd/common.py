@@ -65,7 +65,34 @@ def rows_mask(known: UserItems, users: torch.Tensor) -> torch.Tensor:
 
 def pair_scores(user_vecs: torch.Tensor, item_table: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """Scores of each user against its own item list: [B, D] × items [B, N] → [B, N]."""
-    return torch.einsum("bd,bnd->bn", user_vecs, item_table[items])
+    return _PairScores.apply(user_vecs, item_table, items)
+
+
+class _PairScores(torch.autograd.Function):
+    """einsum("bd,bnd->bn", user_vecs, item_table[items]) with a hand-written backward: the same
+    numbers, bit for bit (tested), at about half the cost of autograd's per step on CPU, whose
+    backward of `item_table[items]` is a sort-based index_put under deterministic algorithms."""
+
+    @staticmethod
+    def forward(ctx, user_vecs: torch.Tensor, item_table: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        rows = item_table.index_select(0, items.reshape(-1)).view(*items.shape, item_table.shape[1])  # [B, N, D]
+        ctx.save_for_backward(user_vecs, rows, items)
+        ctx.n_items = item_table.shape[0]
+        return torch.einsum("bd,bnd->bn", user_vecs, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        user_vecs, rows, items = ctx.saved_tensors
+        grad_users = torch.bmm(grad[:, None, :], rows).squeeze(1) if ctx.needs_input_grad[0] else None
+        grad_table = None
+        if ctx.needs_input_grad[1]:
+            per_pair = (grad[:, :, None] * user_vecs[:, None, :]).reshape(-1, user_vecs.shape[1])
+            grad_table = torch.zeros(ctx.n_items, user_vecs.shape[1], dtype=grad.dtype, device=grad.device)
+            if grad.is_cuda:  # index_add_ is atomic (order-dependent) on CUDA; this path is deterministic
+                grad_table.index_put_((items.reshape(-1),), per_pair, accumulate=True)
+            else:  # sequential on CPU, in the same order as autograd's own backward
+                grad_table.index_add_(0, items.reshape(-1), per_pair)
+        return grad_users, grad_table, None
 
 
 @torch.no_grad()
