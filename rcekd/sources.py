@@ -7,6 +7,7 @@ in the file) and, where the format has them, `time` (int64 seconds since the epo
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
@@ -15,6 +16,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+
+
+def _reader(read):
+    """A reader whose decoding and CSV-structure errors name the file, as its own errors do."""
+
+    @functools.wraps(read)
+    def checked(path: str | Path, *args, **kwargs) -> pd.DataFrame:
+        try:
+            return read(path, *args, **kwargs)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err.reason}, byte {err.object[err.start:err.start + 1]!r})") from None
+        except pd.errors.ParserError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    return checked
 
 
 def _exists(path: str | Path) -> Path:
@@ -32,6 +48,10 @@ def _frame(path: Path, users: list, items: list, **extra) -> pd.DataFrame:
     if not users:
         raise ValueError(f"{path}: no interactions found")
     frame = pd.DataFrame({"user": pd.Series(users, dtype=str), "item": pd.Series(items, dtype=str), **extra})
+    empty = ((frame["user"].str.strip() == "") | (frame["item"].str.strip() == "")).to_numpy()
+    if empty.any():
+        first = int(np.flatnonzero(empty)[0])
+        raise ValueError(f"{path}: {int(empty.sum())} interaction(s) with an empty user or item id, first at row {first + 1}")
     frame["order"] = np.arange(len(frame), dtype=np.int64)
     return frame
 
@@ -44,7 +64,7 @@ def _adjacency_lines(path: Path, *, counted: bool) -> tuple[list[str], list[str]
             fields = line.split()
             if not fields:
                 continue
-            if not all(f.isdigit() for f in fields):
+            if not all(f.isascii() and f.isdigit() for f in fields):
                 raise ValueError(f"{path}, line {lineno}: expected non-negative integers, got {line.strip()[:60]!r}")
             if counted:
                 if int(fields[0]) != len(fields) - 1:
@@ -59,12 +79,14 @@ def _adjacency_lines(path: Path, *, counted: bool) -> tuple[list[str], list[str]
     return users, items
 
 
+@_reader
 def read_users_dat(path: str | Path) -> pd.DataFrame:
     """CiteULike-t `users.dat`: line u (0-based) is `<n> <item> <item> ...`; no timestamps."""
     path = _exists(path)
     return _frame(path, *_adjacency_lines(path, counted=True))
 
 
+@_reader
 def read_lightgcn(path: str | Path) -> pd.DataFrame:
     """NGCF/LightGCN layout: a directory with train.txt and test.txt, lines `user item item ...`.
 
@@ -89,6 +111,7 @@ def _parse_times(path: Path, values: pd.Series, column: str) -> np.ndarray:
     return ((times - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy().astype(np.int64)
 
 
+@_reader
 def read_snap_checkins(path: str | Path) -> pd.DataFrame:
     """SNAP `loc-gowalla_totalCheckins.txt(.gz)`: user, ISO time, latitude, longitude, location id (tabs)."""
     path = _exists(path)
@@ -101,6 +124,7 @@ def read_snap_checkins(path: str | Path) -> pd.DataFrame:
     return _frame(path, list(table[0]), list(table[4]), time=_parse_times(path, table[1], "time"))
 
 
+@_reader
 def read_yelp_reviews(path: str | Path, *, min_stars: float = 4.0) -> pd.DataFrame:
     """Yelp Open Dataset reviews, JSON lines with user_id, business_id, stars, date; stars >= min_stars."""
     path = _exists(path)
@@ -114,6 +138,8 @@ def read_yelp_reviews(path: str | Path, *, min_stars: float = 4.0) -> pd.DataFra
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}, line {lineno}: not JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
             missing = [c for c in columns if c not in record]
             if missing:
                 raise ValueError(f"{path}, line {lineno}: missing field(s) {missing}")
@@ -129,6 +155,7 @@ def read_yelp_reviews(path: str | Path, *, min_stars: float = 4.0) -> pd.DataFra
     return _frame(path, list(table["user_id"][keep]), list(table["business_id"][keep]), time=times[keep])
 
 
+@_reader
 def read_recbole_inter(path: str | Path, *, min_rating: float | None = None) -> pd.DataFrame:
     """RecBole atomic `.inter`: tab-separated, header `user_id:token item_id:token [rating:float] [timestamp:float]`."""
     path = _exists(path)
@@ -154,6 +181,7 @@ def read_recbole_inter(path: str | Path, *, min_rating: float | None = None) -> 
     return _frame(path, list(table["user_id"][keep]), list(table["item_id"][keep]), **{k: v[keep] for k, v in extra.items()})
 
 
+@_reader
 def read_table(
     path: str | Path, *, user: str, item: str, time: str | None = None, sep: str | None = None
 ) -> pd.DataFrame:
