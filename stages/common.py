@@ -13,7 +13,7 @@ import torch
 from rcekd.backbones import BACKBONES
 from rcekd.data import Splits
 from rcekd.train import fit, write_history
-from stages.params import ParamsError, kwargs_for, section
+from stages.params import ParamsError, fail, kwargs_for, section
 
 
 def log(message: str) -> None:
@@ -71,6 +71,12 @@ def build_model(spec: ModelSpec, splits: Splits, *, seed: int) -> tuple[torch.nn
     torch.manual_seed(seed)
     full = {"n_users": splits.n_users, "n_items": splits.n_items, **spec.model}
     return BACKBONES[spec.backbone](**full).bind(splits.train), full
+
+
+def diverged(run: str, err: FloatingPointError) -> None:
+    """A training run whose loss went non-finite: one `error:` line naming the run, the epoch and the
+    loss parts (their epoch sums, the non-finite among them), then exit 2; nothing is saved."""
+    fail(FloatingPointError(f"{run}: {err}; stopped, no checkpoint written (try a lower train.lr or kd weight)"))
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:

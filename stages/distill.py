@@ -18,7 +18,7 @@ from rcekd.kd import METHODS, KDContext
 from rcekd.sparse import UserItems
 from rcekd.train import FitResult, fit, resolve_device
 from rcekd.trajectory import read_trajectory
-from stages.common import SEED_OPTION_HELP, build_model, log, model_spec, peak_memory, training_options, write_timing
+from stages.common import SEED_OPTION_HELP, build_model, diverged, log, model_spec, peak_memory, training_options, write_timing
 from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
 
 LOOP_KEYS = ("weight", "reduction")  # kd.<method> keys read by the loop, not by the method
@@ -91,10 +91,13 @@ def main(
         fail(err)
     model, kwargs = build_model(spec, splits, seed=options["seed"])
     log(f"distill {method}: student {student} {spec.model} on {splits.name} ({device}) {kd_params} {loop}")
-    result = fit(
-        model, splits, kd=kd, kd_weight=weight, kd_reduction=reduction, device=device, history_path=history,
-        on_epoch=recorder, **options,
-    )
+    try:
+        result = fit(
+            model, splits, kd=kd, kd_weight=weight, kd_reduction=reduction, device=device, history_path=history,
+            on_epoch=recorder, **options,
+        )
+    except FloatingPointError as err:
+        diverged(f"distill {method} (student {student})", err)
     write_timing(timing, result.history)
     if recorder is not None:
         recorder.write(diagnostics, result.best_epoch)

@@ -12,7 +12,7 @@ from rcekd.data import load_splits
 from rcekd.sparse import UserItems
 from rcekd.train import fit, resolve_device
 from rcekd.trajectory import TrajectoryRecorder
-from stages.common import ROLES, SEED_OPTION_HELP, build_model, log, model_spec, peak_memory, training_options, write_timing
+from stages.common import ROLES, SEED_OPTION_HELP, build_model, diverged, log, model_spec, peak_memory, training_options, write_timing
 from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
 
 
@@ -45,7 +45,10 @@ def main(
         fail(err)
     model, kwargs = build_model(spec, splits, seed=options["seed"])
     log(f"{role} {backbone} {spec.model} on {splits.name} ({device}): {splits.n_users} users, {splits.n_items} items")
-    result = fit(model, splits, device=device, history_path=history, on_epoch=recorder, **options)
+    try:
+        result = fit(model, splits, device=device, history_path=history, on_epoch=recorder, **options)
+    except FloatingPointError as err:
+        diverged(f"{role} {backbone}", err)
     if recorder is not None:
         recorder.write(trajectory, result.best_epoch)
     write_timing(timing, result.history)

@@ -118,3 +118,26 @@ def test_checkpoint_of_another_dataset_is_refused(workspace, tmp_path):  # noqa:
     ])
     assert result.exit_code == 2 and "fingerprint" in result.output, result.output
     assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("stage", ["train", "distill"])
+def test_a_diverging_run_stops_with_the_run_epoch_and_parts_named(workspace, tmp_path, stage):  # noqa: F811
+    """Adam at lr 1e30 sends the scores past float32's range in the first epoch: one error line naming
+    the run, the epoch and the loss parts; exit 2; no checkpoint."""
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["train"].update(lr=1e30, max_epochs=3, patience=3)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    if stage == "distill":
+        result = distill(workspace, tmp_path, tmp_path / "params.yaml")
+        run = "distill ce (student mf)"
+    else:
+        result = CliRunner().invoke(app, [
+            "train", "--role", "student", "--backbone", "mf", "--data", str(workspace / "data"),
+            "--out", str(tmp_path / "out" / "checkpoint.pt"), "--history", str(tmp_path / "out" / "history.csv"),
+            "--params", str(tmp_path / "params.yaml"),
+        ])
+        run = "student mf"
+    assert result.exit_code == 2, result.output
+    line = [text for text in result.output.splitlines() if text.startswith("error: ")][-1]
+    assert re.search(rf"{re.escape(run)}: epoch \d+: non-finite loss \(epoch sums .*'base': (nan|inf)", line), line
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
