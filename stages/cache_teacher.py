@@ -30,11 +30,8 @@ def main(
     cache.hstu_logit is `cosine` (the authors' code)."""
     try:
         all_params = load_params(params)
-        topk = section(all_params, "cache.topk", params)
+        topk = section(all_params, "cache.topk", params)  # integers >= 1: checked by load_params
         chunk = section(all_params, "cache.chunk", params)
-        for key, value in (("topk", topk), ("chunk", chunk)):
-            if not isinstance(value, int) or value < 1:
-                raise ParamsError(f"{params}: cache.{key} = {value!r}; expected an integer >= 1")
         store = section(all_params, "cache.store", params)
         if store not in STORES:
             raise ParamsError(f"{params}: cache.store = {store!r}; expected one of {', '.join(STORES)}")

@@ -102,9 +102,7 @@ def training_options(all_params: dict, spec: ModelSpec, params: Path, *, seed: i
     (a grid seed) overrides params `seed`."""
     skip = ("weight_decay", "seed", "device", "kd", "kd_weight", "kd_reduction", "history_path", "on_epoch", "log")
     train = kwargs_for(fit, section(all_params, "train", params), "train", skip=skip)
-    for key in ("batch_size", "max_epochs", "patience"):
-        if not isinstance(train[key], int) or train[key] < 1:
-            raise ParamsError(f"{params}: train.{key} = {train[key]!r}; expected an integer >= 1")
+    # train.batch_size, max_epochs, patience: integers >= 1, checked by load_params (stages.params.validate)
     if spec.batch_size is not None:
         train["batch_size"] = spec.batch_size
     if seed is None:

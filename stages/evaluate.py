@@ -27,9 +27,7 @@ def main(
     """Recall/NDCG@10,20 on valid and test at the checkpoint's best validation epoch (params: evaluate)."""
     try:
         all_params = load_params(params)
-        exclude_valid = section(all_params, "evaluate.exclude_valid_in_test", params)
-        if not isinstance(exclude_valid, bool):
-            raise ParamsError(f"{params}: evaluate.exclude_valid_in_test = {exclude_valid!r}; expected true or false")
+        exclude_valid = section(all_params, "evaluate.exclude_valid_in_test", params)  # a bool: checked by load_params
         device = resolve_device(section(all_params, "device", params))
         splits = load_splits(data)
         model, meta = load_checkpoint(checkpoint, splits=splits, device=device)

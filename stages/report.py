@@ -25,16 +25,9 @@ def main(
     try:
         all_params = load_params(params)
         lists = {key: section(all_params, f"grid.{key}", params) for key in ("teachers", "students", "methods", "seeds")}
-        for key, values in lists.items():
-            if not isinstance(values, list) or not values:
-                raise ParamsError(f"{params}: grid.{key} = {values!r}; expected a non-empty list")
-        seeds = lists["seeds"]
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) < len(seeds):
-            raise ParamsError(f"{params}: grid.seeds = {seeds!r}; expected distinct integers >= 0")
+        seeds = lists["seeds"]  # types and ranges: checked by load_params (stages.params.validate)
         target = section(all_params, "report.target", params)
         baselines = section(all_params, "report.baselines", params)
-        if not isinstance(target, str) or not isinstance(baselines, list) or not all(isinstance(b, str) for b in baselines):
-            raise ParamsError(f"{params}: report.target = {target!r}, report.baselines = {baselines!r}; expected a name and a list of names")
         names = grid_runs(lists["teachers"], lists["students"], lists["methods"], seeds)
         found = collect(metrics, runs, names)
         tables = figure_tables(runs, names)
