@@ -32,6 +32,8 @@ from rcekd.sparse import UserItems
 
 
 class RankingDiagnostics:
+    resume_attrs = ("epochs", "s_u", "ranks")  # kept between epochs
+
     """Call with (epoch, model) after each epoch (the loop's `on_epoch`); then `write(dir, best_epoch)`."""
 
     def __init__(

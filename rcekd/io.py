@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -19,6 +20,9 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(glob.escape(f".{final.name}.tmp-") + "*"):  # left by a killed process
+        if not _running(stale.name.rsplit("-", 1)[1]):
+            _remove(stale)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     _remove(tmp)
     try:
@@ -27,6 +31,16 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         _remove(tmp)
+
+
+def _running(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, PermissionError):  # not a pid of ours, or another user's process
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

@@ -5,6 +5,10 @@ Loss per step: L = L_base + λ · L_KD, with L_base the backbone's own loss (BPR
 MF and LightGCN, sampled softmax over sequence positions for HSTU) and L_KD the method's loss over the
 batch's unique users, computed from the same forward's user vectors and item table. Validation NDCG@20 after
 every epoch selects the best epoch (strict improvement, patience counted in evaluations).
+
+With `resume_path`, the loop's whole state (weights, optimiser, random generators, best epoch, history and
+each method's state across epochs, named by its `resume_attrs`) is saved there between epochs, and a run
+started again with the same `resume_key` continues from it to the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -65,6 +69,9 @@ def fit(
     eval_chunk: int = 1024,
     history_path: str | Path | None = None,
     on_epoch: Callable[[int, Backbone], None] | None = None,
+    resume_path: str | Path | None = None,
+    resume_key: str = "",
+    resume_every: float = 60.0,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
 ) -> FitResult:
     if kd_reduction not in ("users", "rows"):
@@ -78,8 +85,22 @@ def fit(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
 
     best = FitResult(best_state=copy.deepcopy(model.state_dict()), best_epoch=0, best_valid={}, epochs_run=0)
-    best_ndcg, since_best = -1.0, 0
-    for epoch in range(1, max_epochs + 1):
+    best_ndcg, since_best, first = -1.0, 0, 1
+    stateful = {"kd": kd, "on_epoch": on_epoch}  # objects whose `resume_attrs` carry over between epochs
+    state = load_resume(resume_path, resume_key, log) if resume_path is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_states(generator, state["rng"])
+        best = FitResult(**state["best"])
+        best_ndcg, since_best = state["best_ndcg"], state["since_best"]
+        for name, attrs in state["carried"].items():
+            for attr, value in attrs.items():
+                setattr(stateful[name], attr, value)
+        first = state["epoch"] + 1 if since_best < patience else max_epochs + 1  # a finished run: nothing left
+        log(f"resumed from {resume_path} after epoch {state['epoch']} (best {best_ndcg:.4f}@{best.best_epoch})")
+    saved_at = time.monotonic()
+    for epoch in range(first, max_epochs + 1):
         started = time.perf_counter()
         prep = kd.prepare_epoch(model, generator) if kd is not None else {}
         prep_seconds = time.perf_counter() - started
@@ -106,8 +127,7 @@ def fit(
                 sums[name] = sums.get(name, 0.0) + value.detach()
             n_batches += 1
         sums = {name: float(total) for name, total in sums.items()}
-        if not all(math.isfinite(total) for total in sums.values()):
-            raise FloatingPointError(f"epoch {epoch}: non-finite loss (epoch sums {sums})")
+        check_finite(epoch, sums, prep, model)
         train_seconds = time.perf_counter() - started
 
         valid = full_ranking(model, valid_items, exclude=[train_items], chunk=eval_chunk, device=device)
@@ -142,12 +162,71 @@ def fit(
         )
         if history_path is not None and epoch % 10 == 0:
             write_history(history_path, best.history)
+        last = since_best >= patience or epoch == max_epochs
+        if resume_path is not None and (last or time.monotonic() - saved_at >= resume_every):
+            carried = {name: carried_state(obj) for name, obj in stateful.items()}
+            save_resume(resume_path, {
+                "key": resume_key, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": rng_states(generator), "best": vars(best), "best_ndcg": best_ndcg, "since_best": since_best,
+                "carried": carried,
+            })
+            saved_at = time.monotonic()
         if since_best >= patience:
             log(f"early stop: no validation NDCG@20 improvement for {patience} epochs")
             break
     if history_path is not None:
         write_history(history_path, best.history)
     return best
+
+
+def check_finite(epoch: int, sums: dict[str, float], prep: dict[str, float], model: nn.Module) -> None:
+    """Stop a diverging run at the end of the epoch, naming what went non-finite: a loss part (its sum
+    over the epoch's steps), a statistic of the method's preparation, or the model's weights."""
+    bad = [f"loss part {name!r}" for name, total in sums.items() if not math.isfinite(total)]
+    bad += [f"preparation value {name!r}" for name, value in prep.items() if not math.isfinite(float(value))]
+    bad += [f"weights {name!r}" for name, weights in model.named_parameters() if not bool(torch.isfinite(weights).all())]
+    if bad:
+        raise FloatingPointError(f"epoch {epoch}: non-finite {', '.join(bad)} (epoch sums {sums})")
+
+
+def carried_state(obj: object) -> dict:
+    """The attributes a method or recorder carries from one epoch to the next (its `resume_attrs`)."""
+    return {name: getattr(obj, name) for name in getattr(obj, "resume_attrs", ()) if hasattr(obj, name)}
+
+
+def rng_states(generator: torch.Generator) -> dict[str, object]:
+    states = {"generator": generator.get_state(), "cpu": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(generator: torch.Generator, states: dict) -> None:
+    generator.set_state(states["generator"])
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_resume(path: str | Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_resume(path: str | Path, key: str, log: Callable[[str], None]) -> dict | None:
+    """The saved state of this run (same `key`), or None: no file, or one of another run (ignored, said)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # not written by this code: atomic writes leave no partial file
+        log(f"ignoring {path}: not a readable training state ({type(err).__name__}); starting from epoch 1")
+        return None
+    if not isinstance(state, dict) or state.get("key") != key:
+        log(f"ignoring {path}: saved by a run with other settings or data; starting from epoch 1")
+        return None
+    return state
 
 
 def write_history(path: str | Path, rows: list[dict]) -> None:

@@ -23,19 +23,21 @@ SCHEMA = pa.schema([("epoch", pa.int32()), ("user", pa.int32()), ("rank", pa.int
 
 
 class TrajectoryRecorder:
+    resume_attrs = ("lists",)  # kept between epochs
+
     """Call with (epoch, model) after each epoch; `write` keeps the checkpoints before `best_epoch`."""
 
     def __init__(self, train: UserItems, *, every: int, topk: int, chunk: int, device: torch.device):
         if every < 1 or not 0 < topk <= train.n_items:
             raise ValueError(f"trajectory: every = {every} (expected >= 1), topk = {topk} (expected 1..{train.n_items})")
         self.train, self.every, self.topk, self.chunk, self.device = train, every, topk, chunk, device
-        self.lists: dict[int, np.ndarray] = {}
+        self.lists: dict[int, torch.Tensor] = {}  # epoch → top-K items [U, K], on the CPU
 
     @torch.no_grad()
     def __call__(self, epoch: int, model: nn.Module) -> None:
         if epoch % self.every == 0:
             blocks = score_chunks(model, self.train.n_users, exclude=[self.train], chunk=self.chunk, device=self.device)
-            self.lists[epoch] = torch.cat([block.topk(self.topk, dim=1).indices.cpu() for _, _, block in blocks]).numpy()
+            self.lists[epoch] = torch.cat([block.topk(self.topk, dim=1).indices.cpu() for _, _, block in blocks])
 
     def write(self, path: str | Path, best_epoch: int) -> None:
         kept = [epoch for epoch in sorted(self.lists) if epoch < best_epoch]
@@ -44,7 +46,7 @@ class TrajectoryRecorder:
             np.repeat(np.array(kept, dtype=np.int32), n_users * self.topk),
             np.tile(np.repeat(np.arange(n_users, dtype=np.int32), self.topk), len(kept)),
             np.tile(np.arange(self.topk, dtype=np.int16), n_users * len(kept)),
-            np.concatenate([self.lists[e].reshape(-1) for e in kept]).astype(np.int32) if kept else np.zeros(0, np.int32),
+            np.concatenate([self.lists[e].numpy().reshape(-1) for e in kept]).astype(np.int32) if kept else np.zeros(0, np.int32),
         ]
         table = pa.table([pa.array(c) for c in columns], schema=SCHEMA)
         with atomic_path(path) as tmp:

@@ -3,6 +3,8 @@ parameters of each stage come from params.yaml (see `--params`)."""
 
 from __future__ import annotations
 
+import signal
+
 import typer
 
 from stages import cache_teacher, distill, evaluate, fetch, html_template, preprocess, report, train
@@ -14,6 +16,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _setup() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C: files being written are removed, the last saved training state kept."""
+    raise SystemExit(128 + signum)
+
+
 app.command("fetch")(fetch.main)
 app.command("preprocess")(preprocess.main)
 app.command("train")(train.main)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import resource
 import sys
 import time
@@ -97,10 +99,23 @@ def write_timing(path: Path | None, history: list[dict]) -> None:
         write_history(path, [{key: row[key] for key in columns} for row in history])
 
 
+def resume_options(out: Path, run: dict) -> dict:
+    """`fit`'s resume keywords: the training state lives beside the checkpoint (`<out>.resume`, removed
+    once the checkpoint is written) and is keyed by everything the run read, so a state saved by a run
+    with other settings or data is never continued."""
+    run = {key: value for key, value in run.items() if key != "resume_every"}  # how often: not what
+    key = hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()
+    return {"resume_path": resume_file(out), "resume_key": key}
+
+
+def resume_file(out: Path) -> Path:
+    return out.with_name(out.name + ".resume")
+
+
 def training_options(all_params: dict, spec: ModelSpec, params: Path, *, seed: int | None = None) -> dict:
     """Keyword arguments of `fit` from the shared `train` section plus the backbone role's own; `seed`
     (a grid seed) overrides params `seed`."""
-    skip = ("weight_decay", "seed", "device", "kd", "kd_weight", "kd_reduction", "history_path", "on_epoch", "log")
+    skip = ("weight_decay", "seed", "device", "kd", "kd_weight", "kd_reduction", "history_path", "on_epoch", "resume_path", "resume_key", "log")
     train = kwargs_for(fit, section(all_params, "train", params), "train", skip=skip)
     # train.batch_size, max_epochs, patience: integers >= 1, checked by load_params (stages.params.validate)
     if spec.batch_size is not None:

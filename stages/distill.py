@@ -18,7 +18,10 @@ from rcekd.kd import METHODS, KDContext
 from rcekd.sparse import UserItems
 from rcekd.train import FitResult, fit, resolve_device
 from rcekd.trajectory import read_trajectory
-from stages.common import SEED_OPTION_HELP, build_model, diverged, log, model_spec, peak_memory, training_options, write_timing
+from stages.common import (
+    SEED_OPTION_HELP, build_model, diverged, log, model_spec, peak_memory, resume_file, resume_options, training_options,
+    write_timing,
+)
 from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
 
 LOOP_KEYS = ("weight", "reduction")  # kd.<method> keys read by the loop, not by the method
@@ -81,12 +84,16 @@ def main(
         context = KDContext(
             scores, train_items, splits.n_users, splits.n_items, device, options["eval_chunk"], lists, build_student, fit_student
         )
-        recorder = None
+        recorder, settings = None, None
         if diagnostics is not None:
             settings = kwargs_for(RankingDiagnostics.__init__, section(all_params, "diagnostics", params), "diagnostics", skip=("seed", "device"))
             recorder = RankingDiagnostics(scores, train_items, seed=options["seed"], device=device, **settings)
         kd = kd_class(context, **kd_params)
         teacher_sha256 = scores.meta["teacher_sha256"]
+        resume = resume_options(out, {
+            "stage": "distill", "method": method, "kd": section(all_params, f"kd.{method}", params), "spec": vars(spec), **options,
+            "split": splits.fingerprint, "teacher": teacher_sha256, "device": str(device), "diagnostics": settings,
+        })
     except (ParamsError, ValueError, FileNotFoundError) as err:
         fail(err)
     model, kwargs = build_model(spec, splits, seed=options["seed"])
@@ -94,7 +101,7 @@ def main(
     try:
         result = fit(
             model, splits, kd=kd, kd_weight=weight, kd_reduction=reduction, device=device, history_path=history,
-            on_epoch=recorder, **options,
+            on_epoch=recorder, **resume, **options,
         )
     except FloatingPointError as err:
         diverged(f"distill {method} (student {student})", err)
@@ -118,4 +125,5 @@ def main(
             **peak_memory(device),
         },
     )
+    resume_file(out).unlink(missing_ok=True)
     log(f"distill {method}: best validation NDCG@20 {result.best_valid.get('ndcg@20', float('nan')):.4f} at epoch {result.best_epoch}")

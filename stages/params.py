@@ -51,7 +51,7 @@ SCHEMA: dict[str, Any] = {
     "dataset": NAME,
     "datasets": dict,
     "split": {"train": SHARE, "valid": SHARE},
-    "train": {"batch_size": INT_GE1, "lr": NUMBER_GE0, "max_epochs": INT_GE1, "patience": INT_GE1, "eval_chunk": INT_GE1},
+    "train": {"batch_size": INT_GE1, "lr": NUMBER_GE0, "max_epochs": INT_GE1, "patience": INT_GE1, "eval_chunk": INT_GE1, "resume_every": NUMBER_GE0},
     "backbones": dict,
     "trajectory": {"every": INT_GE1, "topk": INT_GE1},
     "cache": {"topk": INT_GE1, "chunk": INT_GE1, "store": NAME, "hstu_logit": NAME},

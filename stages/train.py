@@ -12,7 +12,10 @@ from rcekd.data import load_splits
 from rcekd.sparse import UserItems
 from rcekd.train import fit, resolve_device
 from rcekd.trajectory import TrajectoryRecorder
-from stages.common import ROLES, SEED_OPTION_HELP, build_model, diverged, log, model_spec, peak_memory, training_options, write_timing
+from stages.common import (
+    ROLES, SEED_OPTION_HELP, build_model, diverged, log, model_spec, peak_memory, resume_file, resume_options, training_options,
+    write_timing,
+)
 from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
 
 
@@ -36,17 +39,20 @@ def main(
         options = training_options(all_params, spec, params, seed=seed)
         device = resolve_device(section(all_params, "device", params))
         splits = load_splits(data)
-        recorder = None
+        recorder, settings = None, None
         if trajectory is not None:
             settings = kwargs_for(TrajectoryRecorder.__init__, section(all_params, "trajectory", params), "trajectory", skip=("chunk", "device"))
             train_items = UserItems(splits.train, splits.n_users, splits.n_items, device)
             recorder = TrajectoryRecorder(train_items, chunk=options["eval_chunk"], device=device, **settings)
+        resume = resume_options(out, {
+            "stage": "train", "spec": vars(spec), **options, "split": splits.fingerprint, "device": str(device), "trajectory": settings,
+        })
     except (ParamsError, ValueError, FileNotFoundError) as err:
         fail(err)
     model, kwargs = build_model(spec, splits, seed=options["seed"])
     log(f"{role} {backbone} {spec.model} on {splits.name} ({device}): {splits.n_users} users, {splits.n_items} items")
     try:
-        result = fit(model, splits, device=device, history_path=history, on_epoch=recorder, **options)
+        result = fit(model, splits, device=device, history_path=history, on_epoch=recorder, **resume, **options)
     except FloatingPointError as err:
         diverged(f"{role} {backbone}", err)
     if recorder is not None:
@@ -68,4 +74,5 @@ def main(
             **peak_memory(device),
         },
     )
+    resume_file(out).unlink(missing_ok=True)
     log(f"{role} {backbone}: best validation NDCG@20 {result.best_valid.get('ndcg@20', float('nan')):.4f} at epoch {result.best_epoch}")

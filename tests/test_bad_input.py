@@ -139,5 +139,5 @@ def test_a_diverging_run_stops_with_the_run_epoch_and_parts_named(workspace, tmp
         run = "student mf"
     assert result.exit_code == 2, result.output
     line = [text for text in result.output.splitlines() if text.startswith("error: ")][-1]
-    assert re.search(rf"{re.escape(run)}: epoch \d+: non-finite loss \(epoch sums .*'base': (nan|inf)", line), line
+    assert re.search(rf"{re.escape(run)}: epoch \d+: non-finite loss part 'base'.* \(epoch sums .*'base': (nan|inf)", line), line
     assert not (tmp_path / "out" / "checkpoint.pt").exists()

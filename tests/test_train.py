@@ -9,7 +9,7 @@ import torch
 
 from rcekd.backbones import BACKBONES
 from rcekd.data import load_splits, preprocess
-from rcekd.train import fit
+from rcekd.train import check_finite, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,3 +63,17 @@ def test_same_seed_same_run(splits, backbone) -> None:
 
 def test_other_seed_other_run(splits) -> None:
     assert run(splits, seed=0, epochs=2).history[-1]["base"] != run(splits, seed=1, epochs=2).history[-1]["base"]
+
+
+def test_the_guard_names_what_went_non_finite() -> None:
+    """Only the non-finite parts are named: a loss part, a statistic of the method's preparation, weights."""
+    model = BACKBONES["mf"](n_users=3, n_items=4, dim=2)
+    check_finite(7, {"base": 0.5, "kd": 1.0}, {"overlap": 0.2}, model)  # all finite: passes
+    with pytest.raises(FloatingPointError, match=r"^epoch 7: non-finite loss part 'kd' \(epoch sums"):
+        check_finite(7, {"base": 0.5, "kd": float("inf")}, {"overlap": 0.2}, model)
+    with pytest.raises(FloatingPointError, match=r"^epoch 2: non-finite preparation value 'overlap' \("):
+        check_finite(2, {"base": 0.5}, {"overlap": float("nan")}, model)
+    with torch.no_grad():
+        model.item_emb.weight[1, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"^epoch 3: non-finite weights 'item_emb.weight' \("):
+        check_finite(3, {"base": 0.5}, {}, model)

@@ -29,6 +29,10 @@ from rcekd.kd.rrd import RRD
 
 
 class DCD:
+    # kept between epochs (the corrections are redrawn every `every` epochs)
+    resume_attrs = ("epoch", "stats", "user_under", "user_under_ok", "user_over", "user_over_ok",
+                    "item_under", "item_under_ok", "item_over", "item_over_ok")
+
     def __init__(
         self, ctx: KDContext, *, m: int = 40, n_under: int = 10, n_over: int = 10, mu: float = 0.1,
         every: int = 5, rank_cap: int = 500, item_side: bool = True, item_batch: int = 512,

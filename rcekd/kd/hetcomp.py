@@ -25,6 +25,8 @@ from rcekd.kd.common import KDContext, list_nll, pair_scores, sets_of, student_t
 
 
 class HetComp:
+    resume_attrs = ("epoch", "stage", "stay")  # kept between epochs
+
     def __init__(
         self, ctx: KDContext, *, k: int = 50, alpha: float = 1.05, p: float = 10.0, negatives: int = 100,
         top: int = 20, max_stay: int = 20,

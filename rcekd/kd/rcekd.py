@@ -109,6 +109,8 @@ def dedupe_rows(items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 class RCEKD:
+    resume_attrs = ("epoch",)  # kept between epochs (γ's schedule)
+
     def __init__(
         self,
         ctx: KDContext,

@@ -78,6 +78,8 @@ class TripleOT:
 
 
 class TaReC:
+    resume_attrs = ("student_best",)  # kept between epochs (the assistant is retrained, deterministically)
+
     def __init__(
         self, ctx: KDContext, *, assistant: dict | None = None, triples: int = 8, epsilon: float = 0.1,
         iterations: int = 50, damping: float = 0.6,
