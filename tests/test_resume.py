@@ -177,3 +177,31 @@ def test_same_seed_same_outputs_on_cpu(workspace, params, tmp_path, tmp_path_fac
     assert_same(outputs(tmp_path), expected)
     rows = list(csv.DictReader((tmp_path / "history.csv").open()))
     assert len(rows) == EPOCHS and len({row["loss"] for row in rows}) == EPOCHS  # it trained: the loss moved
+
+
+@pytest.mark.parametrize("signal_name", ["KILL", "TERM"])
+def test_a_cache_killed_mid_write_is_never_under_its_final_name(workspace, params, tmp_path, signal_name):
+    """cache-teacher writes chunk after chunk into a temporary directory: killed after its 3rd chunk
+    (of 8), there is no cache; run again, it writes the same files as a run never interrupted."""
+    values = yaml.safe_load(params.read_text())
+    values["cache"]["chunk"] = 128
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(values))
+    args = ["cache-teacher", "--data", str(workspace / "data"), "--checkpoint", str(workspace / "t.pt"), "--out", str(tmp_path / "cache"), "--params", str(tmp_path / "params.yaml")]
+    killed = subprocess.run(
+        [sys.executable, str(ROOT / "tests/interrupt.py"), signal_name, "chunk", "3", "--", *args],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert killed.returncode == (-9 if signal_name == "KILL" else 128 + 15), killed.stderr[-3000:]
+    assert "interrupted after 384/980 users" in killed.stderr and "wrote" not in killed.stderr
+    assert not (tmp_path / "cache").exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert len(leftovers) == (1 if signal_name == "KILL" else 0), leftovers
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+    reference = CliRunner().invoke(app, [*args[:-4], "--out", str(tmp_path / "reference"), *args[-2:]])
+    assert reference.exit_code == 0, reference.output
+    written = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "reference").iterdir()) and "topk.parquet" in written
+    for name in written:
+        assert (tmp_path / "cache" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
