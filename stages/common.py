@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+import rcekd
 from rcekd.backbones import BACKBONES
 from rcekd.data import Splits
 from rcekd.train import fit, write_history
@@ -99,11 +100,15 @@ def write_timing(path: Path | None, history: list[dict]) -> None:
         write_history(path, [{key: row[key] for key in columns} for row in history])
 
 
-def resume_options(out: Path, run: dict) -> dict:
+def resume_options(out: Path, run: dict, code: Path = Path(rcekd.__file__).parent) -> dict:
     """`fit`'s resume keywords: the training state lives beside the checkpoint (`<out>.resume`, removed
-    once the checkpoint is written) and is keyed by everything the run read, so a state saved by a run
-    with other settings or data is never continued."""
+    once the checkpoint is written) and is keyed by everything the run read and by rcekd's own code, so
+    a state saved by a run with other settings, data or code is never continued."""
     run = {key: value for key, value in run.items() if key != "resume_every"}  # how often: not what
+    sources = hashlib.sha256()
+    for source in sorted(code.rglob("*.py")):
+        sources.update(source.read_bytes())
+    run["code"] = sources.hexdigest()
     key = hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()
     return {"resume_path": resume_file(out), "resume_key": key}
 

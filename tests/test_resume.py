@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 
 from rcekd.data import load_splits
 from stages.cli import app
+from stages.common import resume_options
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, BATCH = 6, 1024
@@ -205,3 +207,16 @@ def test_a_cache_killed_mid_write_is_never_under_its_final_name(workspace, param
     assert written == sorted(p.name for p in (tmp_path / "reference").iterdir()) and "topk.parquet" in written
     for name in written:
         assert (tmp_path / "cache" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+
+
+def test_the_state_is_keyed_by_the_settings_and_the_code(tmp_path):
+    """A change to any rcekd source file (DVC reruns the stage) makes a saved state another run's."""
+    code = tmp_path / "rcekd"
+    shutil.copytree(ROOT / "rcekd", code, ignore=shutil.ignore_patterns("__pycache__"))
+    run = {"stage": "distill", "lr": 0.001, "resume_every": 60}
+    key = resume_options(tmp_path / "c.pt", run, code)
+    assert key == {"resume_path": tmp_path / "c.pt.resume", "resume_key": key["resume_key"]}
+    assert resume_options(tmp_path / "c.pt", {**run, "resume_every": 0}, code) == key  # how often: not what
+    assert resume_options(tmp_path / "c.pt", {**run, "lr": 0.01}, code) != key
+    (code / "kd" / "rcekd.py").write_text((code / "kd" / "rcekd.py").read_text() + "\n# changed\n")
+    assert resume_options(tmp_path / "c.pt", run, code) != key
