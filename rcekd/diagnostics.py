@@ -32,9 +32,9 @@ from rcekd.sparse import UserItems
 
 
 class RankingDiagnostics:
-    resume_attrs = ("epochs", "s_u", "ranks")  # kept between epochs
-
     """Call with (epoch, model) after each epoch (the loop's `on_epoch`); then `write(dir, best_epoch)`."""
+
+    resume_attrs = ("epochs", "s_u", "ranks")  # kept between epochs
 
     def __init__(
         self,

@@ -23,9 +23,9 @@ SCHEMA = pa.schema([("epoch", pa.int32()), ("user", pa.int32()), ("rank", pa.int
 
 
 class TrajectoryRecorder:
-    resume_attrs = ("lists",)  # kept between epochs
-
     """Call with (epoch, model) after each epoch; `write` keeps the checkpoints before `best_epoch`."""
+
+    resume_attrs = ("lists",)  # kept between epochs
 
     def __init__(self, train: UserItems, *, every: int, topk: int, chunk: int, device: torch.device):
         if every < 1 or not 0 < topk <= train.n_items:
