@@ -110,6 +110,14 @@ def uninterrupted(workspace: Path, params: Path, run: str, tmp_path_factory) -> 
     return _references[run]
 
 
+def interrupted(signal_name: str, point: str, at: int, args: list[str]) -> subprocess.CompletedProcess:
+    """`rcekd <args>` in a subprocess, signalled at an exact point (tests/interrupt.py)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tests/interrupt.py"), signal_name, point, str(at), "--", *args],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
 def steps_per_epoch(workspace: Path) -> int:
     return math.ceil(len(load_splits(workspace / "data").train) / BATCH)
 
@@ -130,10 +138,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(workspace, params, 
     expected = uninterrupted(workspace, params, run, tmp_path_factory)
     out = tmp_path / "out"
     at = saved * steps_per_epoch(workspace) + steps_per_epoch(workspace) // 2 + 1 if point == "step" else saved + 1
-    killed = subprocess.run(
-        [sys.executable, str(ROOT / "tests/interrupt.py"), signal_name, point, str(at), "--", *command(workspace, params, out, run)],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    killed = interrupted(signal_name, point, at, command(workspace, params, out, run))
     assert killed.returncode == (-9 if signal_name == "KILL" else 128 + 15), killed.stderr[-3000:]
     assert f"epoch {saved:4d}" in killed.stderr
     if point == "step":
@@ -160,10 +165,7 @@ def test_a_state_of_other_settings_is_not_continued(workspace, params, tmp_path,
     other = yaml.safe_load(params.read_text())
     other["train"]["lr"] = 0.5
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
-    killed = subprocess.run(
-        [sys.executable, str(ROOT / "tests/interrupt.py"), "KILL", "save", "3", "--", *command(workspace, tmp_path / "other.yaml", out, "distill ce")],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    killed = interrupted("KILL", "save", 3, command(workspace, tmp_path / "other.yaml", out, "distill ce"))
     assert killed.returncode == -9 and (out / "checkpoint.pt.resume").exists()
     restarted = CliRunner().invoke(app, command(workspace, params, out, "distill ce"))
     assert restarted.exit_code == 0, restarted.output
@@ -189,10 +191,7 @@ def test_a_cache_killed_mid_write_is_never_under_its_final_name(workspace, param
     values["cache"]["chunk"] = 128
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(values))
     args = ["cache-teacher", "--data", str(workspace / "data"), "--checkpoint", str(workspace / "t.pt"), "--out", str(tmp_path / "cache"), "--params", str(tmp_path / "params.yaml")]
-    killed = subprocess.run(
-        [sys.executable, str(ROOT / "tests/interrupt.py"), signal_name, "chunk", "3", "--", *args],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    killed = interrupted(signal_name, "chunk", 3, args)
     assert killed.returncode == (-9 if signal_name == "KILL" else 128 + 15), killed.stderr[-3000:]
     assert "interrupted after 384/980 users" in killed.stderr and "wrote" not in killed.stderr
     assert not (tmp_path / "cache").exists()
