@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from rcekd.cache import TeacherCache
+from rcekd.evaluate import score_users
 from rcekd.io import atomic_path
 from rcekd.kd.common import rows_mask
 from rcekd.metrics import ranking_metrics
@@ -63,16 +64,16 @@ class RankingDiagnostics:
         self.epochs: list[dict] = []
         self.s_u: dict[int, torch.Tensor] = {}  # epoch → users at each overlap count 0..K [K + 1]
         self.ranks: dict[int, torch.Tensor] = {}  # epoch → student ranks of Q^T [rank_users, K]
+        self.buffer: torch.Tensor | None = None  # the sample's scores, reused every epoch
 
     @torch.no_grad()
     def __call__(self, epoch: int, model: nn.Module) -> None:
         was_training = model.training
         model.eval()
         try:
-            user_vecs, item_table = model.encode(self.users)
+            scores = self.buffer = score_users(model, self.users, exclude=[], out=self.buffer)  # [n, I], the evaluation's scorer
         finally:
             model.train(was_training)
-        scores = user_vecs @ item_table.T  # [n, I]
         top10 = scores.topk(10, dim=1).indices
         train_ndcg = ranking_metrics(self.train_mask.gather(1, top10), self.train_mask.sum(1), (10,))["ndcg@10"]
         scores.masked_fill_(self.train_mask, float("-inf"))

@@ -25,6 +25,15 @@ class UserItems:
         lo, hi = int(self.indptr[start]), int(self.indptr[end])
         return self.users[lo:hi] - start, self.items[lo:hi]
 
+    def cells(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, item) of the given users' items, row = position in `users` (any order, repeats allowed)."""
+        if len(users) and bool((users[1:] - users[:-1] == 1).all()):  # a range of users: a slice of the CSR
+            return self.block(int(users[0]), int(users[0]) + len(users))
+        counts = self.counts[users]  # [B]
+        rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)  # [nnz]
+        first = torch.repeat_interleave(self.indptr[users] - (counts.cumsum(0) - counts), counts)
+        return rows, self.items[first + torch.arange(len(rows), device=users.device)]
+
     def dense(self, start: int, end: int) -> torch.Tensor:
         """[end - start, n_items] bool mask of the users' items."""
         mask = torch.zeros(end - start, self.n_items, dtype=torch.bool, device=self.items.device)

@@ -28,7 +28,7 @@ from torch import nn
 
 from rcekd.backbones.base import Backbone, bpr_loss, sample_negatives  # noqa: F401 (re-exported)
 from rcekd.data import Splits
-from rcekd.evaluate import full_ranking
+from rcekd.evaluate import EVAL_CHUNK, full_ranking
 from rcekd.io import atomic_path
 from rcekd.sparse import UserItems
 
@@ -66,7 +66,7 @@ def fit(
     patience: int,
     seed: int,
     device: torch.device,
-    eval_chunk: int = 1024,
+    eval_chunk: int = EVAL_CHUNK,
     history_path: str | Path | None = None,
     on_epoch: Callable[[int, Backbone], None] | None = None,
     resume_path: str | Path | None = None,
@@ -108,17 +108,9 @@ def fit(
         sums: dict[str, float] = {}
         n_batches = 0
         for batch in model.training_batches(batch_size, generator):
-            step = model.batch_loss(batch, weight_decay=weight_decay)
-            parts = {"base": step.base}
-            loss = step.base
-            if kd is not None:
-                kd_parts = kd.loss(step.users, step.user_vecs, step.item_table)
-                per_user = kd_parts["kd"]  # [U_b]
-                if kd_reduction == "rows":  # each user weighs by its rows in the batch (the authors' code)
-                    per_user = per_user * step.rows * (len(step.users) / step.rows.sum().clamp(min=1))
-                kd_parts["kd"] = per_user.mean()
-                loss = loss + kd_weight * kd_parts["kd"]
-                parts.update(kd_parts)
+            loss, parts = step_loss(
+                model, batch, kd=kd, kd_weight=kd_weight, kd_reduction=kd_reduction, weight_decay=weight_decay
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -177,6 +169,28 @@ def fit(
     if history_path is not None:
         write_history(history_path, best.history)
     return best
+
+
+def step_loss(
+    model: Backbone, batch: tuple, *, kd: KDMethod | None, kd_weight: float, kd_reduction: str, weight_decay: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training step's loss L = L_base + λ · L_KD and its parts, all on the device.
+
+    Nothing here, in the backbone's `batch_loss`, in the method's `loss` or in their backward waits for
+    the device (no `.item()`, no data-dependent output size): tests/test_sync_guard.py checks it for
+    every backbone and method."""
+    step = model.batch_loss(batch, weight_decay=weight_decay)
+    parts = {"base": step.base}
+    loss = step.base
+    if kd is not None:
+        kd_parts = kd.loss(step.users, step.user_vecs, step.item_table)
+        per_user = kd_parts["kd"]  # [U_b]
+        if kd_reduction == "rows":  # each user weighs by its rows in the batch (the authors' code)
+            per_user = per_user * step.rows * (len(step.users) / step.rows.sum().clamp(min=1))
+        kd_parts["kd"] = per_user.mean()
+        loss = loss + kd_weight * kd_parts["kd"]
+        parts.update(kd_parts)
+    return loss, parts
 
 
 def check_finite(epoch: int, sums: dict[str, float], prep: dict[str, float], model: nn.Module) -> None:
@@ -242,13 +256,22 @@ def write_history(path: str | Path, rows: list[dict]) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device `name` names ("auto": CUDA when there is one), with deterministic kernels switched on
+    for it (`deterministic`). Every stage gets its device here before it builds a model or puts a
+    tensor on the device: cuBLAS reads its workspace setting once, when CUDA first uses it."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # counts devices: no cuBLAS yet
+    else:
+        device = torch.device(name)
+    deterministic(device)
+    return device
 
 
 def deterministic(device: torch.device) -> None:
-    """Same seed, same numbers: CPU scatter-adds (embedding backward) are otherwise order-dependent."""
+    """Same seed, same numbers: CPU scatter-adds (embedding backward) are otherwise order-dependent.
+
+    Called by `resolve_device` before any CUDA work, and again by `fit` (for callers that pass a device
+    of their own); calling it twice changes nothing."""
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
