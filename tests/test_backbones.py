@@ -62,7 +62,7 @@ def test_propagation_gradient_matches_dense() -> None:
     torch.manual_seed(0)
     model = LightGCN(n_users=2, n_items=3, dim=4, layers=2).bind(TINY)
     weight = torch.randn(5, 4)
-    (model.propagate() * weight).sum().backward()
+    (torch.cat(model.propagate()) * weight).sum().backward()
     adjacency = torch.tensor(dense_adjacency(TINY, 2, 3), dtype=torch.float32)
     ego = torch.cat([model.user_emb.weight, model.item_emb.weight]).detach().requires_grad_()
     ((ego + adjacency @ ego + adjacency @ adjacency @ ego) / 3 * weight).sum().backward()
@@ -70,12 +70,59 @@ def test_propagation_gradient_matches_dense() -> None:
     np.testing.assert_allclose(model.item_emb.weight.grad.numpy(), ego.grad[2:].numpy(), rtol=1e-5)
 
 
+class _PlainSpMM(torch.autograd.Function):
+    """Â @ X with the backward Â @ G: the propagation as the plain autograd loop computed it before."""
+
+    @staticmethod
+    def forward(ctx, adjacency, x):
+        ctx.adjacency = adjacency
+        return adjacency @ x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, ctx.adjacency @ grad
+
+
+@pytest.mark.parametrize("layers", [0, 1, 3])
+def test_propagation_equals_the_plain_autograd_loop(layers) -> None:
+    """The buffered propagation gives the plain loop's outputs and gradients bit for bit (a batch's users
+    with a repeat, as DCD's lists may have; two propagations before one backward, as DCD's step does)."""
+    gen = torch.Generator().manual_seed(1)
+    n_users, n_items, dim = 30, 40, 8
+    pairs = np.unique(torch.stack([torch.randint(n_users, (200,), generator=gen), torch.randint(n_items, (200,), generator=gen)], 1).numpy(), axis=0)
+    torch.manual_seed(0)
+    model = LightGCN(n_users=n_users, n_items=n_items, dim=dim, layers=layers).bind(pairs)
+    users = torch.tensor([3, 7, 7, 0, 29])
+    weight_u, weight_i = torch.randn(5, dim, generator=gen), torch.randn(n_items, dim, generator=gen)
+    out_u, out_i = model.propagate(users)
+    again_u, _ = model.propagate(users[:2])
+    ((out_u * weight_u).sum() + (out_i * weight_i).sum() + again_u.sum()).backward()
+
+    ego_u = model.user_emb.weight.detach().clone().requires_grad_()
+    ego_i = model.item_emb.weight.detach().clone().requires_grad_()
+
+    def plain(rows):
+        layer = torch.cat([ego_u, ego_i])
+        total = layer
+        for _ in range(layers):
+            layer = _PlainSpMM.apply(model.adjacency(), layer)
+            total = total + layer
+        final = total / (layers + 1)
+        return final[rows], final[n_users:]
+
+    ref_u, ref_i = plain(users)
+    ref_again, _ = plain(users[:2])
+    ((ref_u * weight_u).sum() + (ref_i * weight_i).sum() + ref_again.sum()).backward()
+    assert torch.equal(out_u, ref_u) and torch.equal(out_i, ref_i)
+    assert torch.equal(model.user_emb.weight.grad, ego_u.grad) and torch.equal(model.item_emb.weight.grad, ego_i.grad)
+
+
 def test_one_propagation_per_training_step(monkeypatch) -> None:
     torch.manual_seed(0)
     model = LightGCN(n_users=2, n_items=3, dim=4).bind(TINY)
     calls = []
     original = model.propagate
-    monkeypatch.setattr(model, "propagate", lambda: calls.append(1) or original())
+    monkeypatch.setattr(model, "propagate", lambda *users: calls.append(1) or original(*users))
     batch = next(model.training_batches(4, torch.Generator().manual_seed(0)))
     step = model.batch_loss(batch, weight_decay=0.0)
     assert len(calls) == 1 and step.item_table.shape == (3, 4)

@@ -4,13 +4,15 @@ A backbone maps a batch of users to user vectors and gives an item table (`encod
 dot product. It is bound once to the training pairs (`bind`) for what it derives from them (the
 graph, the sequences), then trained through `training_batches` (all randomness, from the loop's
 generator) and `batch_loss` (one forward, whose user vectors and item table the distillation loss
-reuses).
+reuses). Whatever only the host can size (a batch's unique users, its sequences' longest window) is
+worked out for the whole epoch in `training_batches`, so that a step never waits for the device
+(tests/test_sync_guard.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -92,13 +94,25 @@ def bpr_loss(
     return (ranking + 0.5 * weight_decay * l2).mean()
 
 
+class PairBatch(NamedTuple):
+    """A batch of training pairs with its unique users worked out ahead (per epoch, in `training_batches`),
+    so that a step needs no `unique` or `bincount`, whose output sizes only the host could learn."""
+
+    users: torch.Tensor  # [P_b] the user of each pair
+    pos: torch.Tensor  # [P_b] its training item
+    neg: torch.Tensor  # [P_b] its negative
+    batch_users: torch.Tensor  # [U_b] the batch's unique users, sorted
+    inverse: torch.Tensor  # [P_b] each pair's index into batch_users
+    counts: torch.Tensor  # [U_b] pairs of each unique user
+
+
 class PairwiseBPR(Backbone):
     """Training over the training pairs, one uniform non-training negative per pair, resampled per epoch."""
 
     def _ego(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple | None:
         return None  # the scored vectors are the embeddings (MF)
 
-    def training_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple]:
+    def training_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[PairBatch]:
         device = self._device()
         if getattr(self, "_known", None) is None or self._known.items.device != device:
             train = self._bound()
@@ -106,15 +120,30 @@ class PairwiseBPR(Backbone):
             self._pairs = torch.from_numpy(train).to(device)
         order = torch.randperm(len(self._pairs), generator=generator, device=device)
         negatives = sample_negatives(self._pairs[order, 0], self._known, generator)
-        for lo in range(0, len(order), batch_size):
-            users, pos = self._pairs[order[lo : lo + batch_size]].T
-            yield users, pos, negatives[lo : lo + batch_size]
+        users, pos = self._pairs[order].T  # [P] each, in the epoch's order
+        # every batch's unique users at once: one unique over (batch, user) keys, sorted by batch then
+        # user, so each batch's slice is its own users.unique() (same order, inverse and counts)
+        batch = torch.arange(len(order), device=device) // batch_size
+        keys, inverse, counts = torch.unique(batch * self.n_users + users, return_inverse=True, return_counts=True)
+        bounds = torch.arange(1, -(-len(order) // batch_size) + 1, device=device) * self.n_users
+        ends = torch.searchsorted(keys, bounds).tolist()  # where each batch's keys end: the epoch's host sync
+        first = 0
+        for b, lo in enumerate(range(0, len(order), batch_size)):
+            hi, last = lo + batch_size, ends[b]
+            yield PairBatch(
+                users[lo:hi], pos[lo:hi], negatives[lo:hi],
+                keys[first:last] - b * self.n_users, inverse[lo:hi] - first, counts[first:last],
+            )
+            first = last
 
     def batch_loss(self, batch: tuple, *, weight_decay: float) -> Step:
-        users, pos, neg = batch
-        batch_users, rows = users.unique(return_inverse=True)
+        if len(batch) == 3:  # (users, pos, neg) built by hand: find its unique users here (a host sync)
+            users, pos, neg = batch
+            batch_users, inverse = users.unique(return_inverse=True)
+            batch = PairBatch(users, pos, neg, batch_users, inverse, torch.bincount(inverse, minlength=len(batch_users)))
+        users, pos, neg, batch_users, inverse, counts = batch
         user_vecs, item_table = self.encode(batch_users)
         base = bpr_loss(
-            user_vecs[rows], item_table[pos], item_table[neg], weight_decay=weight_decay, ego=self._ego(users, pos, neg)
+            user_vecs[inverse], item_table[pos], item_table[neg], weight_decay=weight_decay, ego=self._ego(users, pos, neg)
         )
-        return Step(base, batch_users, user_vecs, item_table, torch.bincount(rows, minlength=len(batch_users)))
+        return Step(base, batch_users, user_vecs, item_table, counts)

@@ -97,6 +97,7 @@ class HSTU(Backbone):
         self.blocks = nn.ModuleList(HSTUBlock(dim, heads, max_len, dropout) for _ in range(blocks))
         self.dropout = nn.Dropout(dropout)
         self._sequences: torch.Tensor | None = None
+        self._lengths: torch.Tensor | None = None
 
     def bind(self, train: np.ndarray) -> "HSTU":
         super().bind(train)
@@ -108,10 +109,12 @@ class HSTU(Backbone):
         self.logit_scale = 1.0
 
     def sequences(self) -> torch.Tensor:
+        """[U, max_len] each user's window of training items, left-padded (its length: `self._lengths`)."""
         device = self._device()
         if self._sequences is None or self._sequences.device != device:
             seqs = last_items(self._bound(), self.n_users, self.max_len, pad=self.n_items)
             self._sequences = torch.from_numpy(seqs).to(device)
+            self._lengths = torch.from_numpy((seqs != self.n_items).sum(1)).to(device)  # [U] real items
         return self._sequences
 
     def item_table(self) -> torch.Tensor:
@@ -133,27 +136,46 @@ class HSTU(Backbone):
             x = block(x, mask, count, distance)
         return F.normalize(x, dim=-1)
 
-    def _window(self, users: torch.Tensor) -> torch.Tensor:
+    def _window(self, users: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """The users' sequences [B, length], without the columns that are padding for every row.
+
+        `length` (the longest of the users' windows) comes with a training batch, worked out once per
+        epoch. Without it, in training with gradients (a method's loss calling `encode`, DCD's item
+        side) the whole window is kept, as learning the longest here would be a host sync inside the
+        step; elsewhere (evaluation) it is read from the users' lengths."""
         seq = self.sequences()[users]
-        longest = int((seq != self.n_items).sum(1).max())  # drop columns that are padding for every row
-        return seq[:, self.max_len - max(longest, 1) :]
+        if length is None:
+            if self.training and torch.is_grad_enabled():
+                return seq  # the same outputs up to rounding: left padding changes no position's output
+            length = self.longest(users)
+        return seq[:, self.max_len - max(length, 1) :]
+
+    def longest(self, users: torch.Tensor) -> int:
+        """The longest window among `users` (a host sync: not for a training step)."""
+        self.sequences()
+        return int(self._lengths[users].max())
 
     def encode(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The last position's output (× 1/temperature unless raw cosine) and the normalised item table."""
         return self(self._window(users))[:, -1] * self.logit_scale, self.item_table()
 
     def training_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple]:
+        """(users, negatives, window length) per batch; the lengths of the epoch's batches come to the
+        host at once, so that no step waits for the device."""
         device = self._device()
         self.sequences()
         order = torch.randperm(self.n_users, generator=generator, device=device)
-        for lo in range(0, self.n_users, batch_size):
+        batch = torch.arange(self.n_users, device=device) // batch_size
+        longest = torch.zeros(-(-self.n_users // batch_size), dtype=torch.long, device=device)
+        longest = longest.scatter_reduce(0, batch, self._lengths[order], reduce="amax").tolist()  # [n_batches]
+        for b, lo in enumerate(range(0, self.n_users, batch_size)):
             negatives = torch.randint(self.n_items, (self.negatives,), generator=generator, device=device)
-            yield order[lo : lo + batch_size], negatives
+            yield order[lo : lo + batch_size], negatives, longest[b]
 
     def batch_loss(self, batch: tuple, *, weight_decay: float) -> Step:
-        users, negatives = batch
+        users, negatives, *length = batch
         users = users.sort().values
-        seq = self._window(users)
+        seq = self._window(users, length[0] if length else self.longest(users))  # by hand: no length given
         out = self(seq)  # [B, L, D]
         items = self.item_table()
         inputs, targets = out[:, :-1], seq[:, 1:]
@@ -165,8 +187,8 @@ class HSTU(Backbone):
         nll = -F.log_softmax(logits, dim=-1)[..., 0]
         n_rows = has_target.sum()
         base = (nll * has_target).sum() / n_rows.clamp(min=1)
-        if weight_decay:
-            used = self.item_emb(targets[has_target])
-            base = base + 0.5 * weight_decay * used.square().sum(-1).mean()
+        if weight_decay:  # L2 on the embeddings of the targets, a masked mean (no boolean indexing)
+            used = self.item_emb(targets).square().sum(-1)  # [B, L-1]
+            base = base + 0.5 * weight_decay * (used * has_target).sum() / n_rows.clamp(min=1)
         user_vecs = out[:, -1] * self.logit_scale
         return Step(base, users, user_vecs, items, has_target.sum(1))

@@ -53,7 +53,10 @@ def soft_ce(
 
 
 def rows_mask(known: UserItems, users: torch.Tensor) -> torch.Tensor:
-    """[n, I] bool: row r marks the items of users[r] (any order, repeats allowed), read from the CSR arrays."""
+    """[n, I] bool: row r marks the items of users[r] (any order, repeats allowed), read from the CSR arrays.
+
+    Its size depends on the users' item counts, which the host learns (a sync): per epoch or at set-up
+    only; a training step uses `unique_rows_mask`."""
     counts = known.counts[users]  # [n]
     rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)  # [nnz]
     first = torch.repeat_interleave(known.indptr[users] - (counts.cumsum(0) - counts), counts)
@@ -61,6 +64,16 @@ def rows_mask(known: UserItems, users: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros(len(users), known.n_items, dtype=torch.bool, device=users.device)
     mask[rows, items] = True
     return mask
+
+
+def unique_rows_mask(known: UserItems, users: torch.Tensor) -> torch.Tensor:
+    """rows_mask(known, users) for distinct `users` (a batch's), with no host sync: every known pair is
+    written, those of users outside the batch into a spare row, so no size depends on the batch's data."""
+    slot = torch.full((known.n_users,), len(users), dtype=torch.long, device=users.device)
+    slot[users] = torch.arange(len(users), device=users.device)  # row of each batch user; others: the spare
+    mask = torch.zeros(len(users) + 1, known.n_items, dtype=torch.bool, device=users.device)
+    mask[slot[known.users], known.items] = True
+    return mask[:-1]
 
 
 def pair_scores(user_vecs: torch.Tensor, item_table: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

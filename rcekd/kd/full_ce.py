@@ -2,8 +2,11 @@
 
 Per user, over the items J (all, or all but the training items): −Σ_j p_T(j) log p_S(j) with
 p_T = softmax(t_J / τ) and p_S = softmax(s_J / τ), computed as logsumexp(s_J / τ) − Σ_j p_T(j) s_j / τ
-(p_T is zero off J). The teacher's p_T is fixed, so it is computed once and kept in memory when the
-|U| × |I| matrix fits in `resident_gb`; each step then costs a few passes over the batch's scores.
+(p_T is zero off J). The teacher's p_T is fixed, so it is computed once and kept on the device when the
+|U| × |I| matrix fits in `resident_gb`; each step then costs a few passes over the batch's scores and
+never waits for the host. Otherwise each step computes the batch's p_T from the teacher cache's rows:
+on the device for a `factors` store (a product of the teacher's factors), but read from the score file
+for a `float32` / `float16` store, which brings the batch's users to the host (a sync per step).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcekd.kd.common import KDContext, rows_mask
+from rcekd.kd.common import KDContext, unique_rows_mask
 
 
 class FullCE:
@@ -27,7 +30,7 @@ class FullCE:
             ])
 
     def _excluded(self, users: torch.Tensor) -> torch.Tensor | None:
-        return rows_mask(self.ctx.train, users) if self.exclude_train else None  # [B, I]
+        return unique_rows_mask(self.ctx.train, users) if self.exclude_train else None  # [B, I]; users distinct
 
     def _target(self, teacher: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
         """p_T [B, I]: the teacher's softmax over the user's candidate items (0 elsewhere)."""
