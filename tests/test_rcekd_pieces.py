@@ -8,12 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from rcekd.backbones import MF
 from rcekd.cache import TeacherCache, write_cache
 from rcekd.data import Splits
 from rcekd.kd import KDContext
-from rcekd.kd.rcekd import RCEKD, dedupe_rows, membership, mixing_weight, ordered_keys, rank_above_counts, sampling_weights
+from rcekd.kd.rcekd import RCEKD, dedupe_rows, draw_by_z, membership, mixing_weight, ordered_keys, rank_above_counts
 from rcekd.sparse import UserItems
 
 # ---------------------------------------------------------------- pure pieces
@@ -64,19 +65,62 @@ def test_rank_above_counts_brute_force():
             assert z[b, j].item() == sum(r < scores[b, j].item() for r in refs), (b, j)
 
 
-def test_sampling_weights_equal_lookup_of_rank_above_counts():
-    """The sparse search gives exactly table[z] (ties, −inf, ±0.0, an empty reference row)."""
+def dense_z_weights(scores, ref_items, ref_mask, table) -> torch.Tensor:
+    """The reference sampler's weights: table[z] over every item, 0 for excluded (−inf) and reference items."""
+    weights = table[rank_above_counts(scores, ref_items, ref_mask)].masked_fill(torch.isneginf(scores), 0.0)
+    return weights.scatter(1, ref_items, torch.where(ref_mask, 0.0, weights.gather(1, ref_items)))
+
+
+def test_draw_by_z_draws_the_dense_distribution():
+    """The bucket sampler draws p_j ∝ table[z_j] over eligible items, as the dense |I|-wide multinomial
+    does: per row pattern (ties, −inf, ±0.0 among the scores, no reference at all, a bucket 0 big enough
+    for rejection and one too small), a chi-square test of its item counts against the exact
+    probabilities, of its z-bucket counts against the dense sampler's draws at the same seed, and of
+    the counts against a wrong temperature (which must fail: the test has power)."""
     gen = torch.Generator().manual_seed(5)
-    scores = torch.randint(-4, 5, (7, 40), generator=gen).float() / 2
-    scores[0, :5] = float("-inf")
-    scores[1, :4] = torch.tensor([0.0, -0.0, 1e-30, -1e-30])
-    ref_items = torch.stack([torch.randperm(40, generator=gen)[:9] for _ in range(7)])
-    ref_mask = torch.rand(7, 9, generator=gen) < 0.5
+    n_items, k = 40, 9
+    patterns = torch.randint(-8, 9, (6, n_items), generator=gen).float() / 2
+    patterns[0, :5] = float("-inf")  # excluded items
+    patterns[1, :4] = torch.tensor([0.0, -0.0, 1e-30, -1e-30])
+    ref_items = torch.stack([torch.randperm(n_items, generator=gen)[:k] for _ in range(6)])
+    ref_mask = torch.rand(6, k, generator=gen) < 0.6
     ref_mask[2] = False  # no reference: every z is 0
-    ref_items[1, :2], ref_mask[1, :2] = torch.tensor([1, 2]), True  # −0.0 and 1e-30 as references
-    table = torch.exp(torch.arange(10, dtype=torch.float32) / 3.0)
-    expected = table[rank_above_counts(scores, ref_items, ref_mask)]
-    assert torch.equal(sampling_weights(scores, ref_items, ref_mask, table), expected)
+    others = torch.tensor([i for i in torch.randperm(n_items, generator=gen).tolist() if i not in (1, 2)])
+    ref_items[1] = torch.cat([torch.tensor([1, 2]), others[: k - 2]])  # −0.0 and 1e-30 as references (distinct, as Q^T is)
+    ref_mask[1, :2] = True
+    patterns[3] = torch.arange(n_items).float()  # references at the top: bucket 0 holds most items (rejection)
+    ref_items[3] = torch.tensor([39, 36, 33, 30, 37, 38, 31, 32, 35])  # z = 1, 2, 3 above item 30
+    ref_mask[3] = torch.arange(k) < 4
+    patterns[4] = torch.arange(n_items).float()  # references at the bottom: every item listed
+    ref_items[4], ref_mask[4] = torch.arange(k), True
+    copies, draws = 400, 50
+    scores = patterns.repeat_interleave(copies, 0)
+    refs, mask = ref_items.repeat_interleave(copies, 0), ref_mask.repeat_interleave(copies, 0)
+    excluded = torch.isneginf(scores).sum(1)
+    for temperature, wrong in ((10.0, 5.0), (0.5, 1.0)):
+        table = torch.exp(torch.arange(k + 1, dtype=torch.float32) / temperature)
+        drawn = draw_by_z(scores, refs, mask, table, draws, excluded, torch.Generator().manual_seed(0))
+        dense = torch.multinomial(dense_z_weights(scores, refs, mask, table), draws, replacement=True,
+                                  generator=torch.Generator().manual_seed(0))
+        wrong_table = torch.exp(torch.arange(k + 1, dtype=torch.float32) / wrong)
+        z_all = rank_above_counts(patterns, ref_items, ref_mask)
+        for p in range(6):
+            counts = torch.bincount(drawn[p * copies : (p + 1) * copies].reshape(-1), minlength=n_items).double()
+            weights = dense_z_weights(patterns[p : p + 1], ref_items[p : p + 1], ref_mask[p : p + 1], table)[0].double()
+            eligible = weights > 0
+            assert counts[~eligible].sum() == 0, (p, "drew an excluded or reference item")
+            expected = weights[eligible] / weights.sum() * counts.sum()
+            assert stats.chisquare(counts[eligible], expected).pvalue > 1e-3, (temperature, p)
+            z = z_all[p]
+            dense_counts = torch.bincount(dense[p * copies : (p + 1) * copies].reshape(-1), minlength=n_items).double()
+            by_z = [[float(c[(z == b) & eligible].sum()) for b in range(k + 1)] for c in (counts, dense_counts)]
+            used = [b for b in range(k + 1) if by_z[0][b] + by_z[1][b] > 0]
+            if len(used) > 1:
+                table_2xb = np.array([[row[b] for b in used] for row in by_z])
+                assert stats.chi2_contingency(table_2xb).pvalue > 1e-3, (temperature, p, table_2xb)
+                wrong_w = dense_z_weights(patterns[p : p + 1], ref_items[p : p + 1], ref_mask[p : p + 1], wrong_table)[0].double()
+                wrong_expected = wrong_w[eligible] / wrong_w.sum() * counts.sum()
+                assert stats.chisquare(counts[eligible], wrong_expected).pvalue < 1e-6, (temperature, p)
 
 
 def test_ordered_keys_keep_the_order_of_floats():

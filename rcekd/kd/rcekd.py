@@ -4,7 +4,8 @@ them in its own top-K, distil each part with its own CE, and mix the two per use
 Per epoch, from the student's full ranking:
   Q^S = student top-K; (Q^T)_1 = Q^T ∩ Q^S; (Q^T)_2 = Q^T \\ Q^S.
   L1 = CE on Q^S.
-  z_j = #{i ∈ (Q^T)_2 : the student ranks j above i}; draw L items with p_j ∝ exp(z_j / T_s);
+  z_j = #{i ∈ (Q^T)_2 : the student ranks j above i}; draw L items with p_j ∝ exp(z_j / T_s) (z is
+  constant between consecutive (Q^T)_2 scores: a draw picks a bucket, then an item in it; `draw_by_z`);
   A^u = (Q^T)_2 ∪ sampled; L2 = CE on A^u.
   γ_u = exp(−β · |(Q^T)_1| / K); L_KD = (1 − γ_u) L1 + γ_u L2.
 The authors' code differs in places (../shared/docs/METHODS.md §5); each is an option, default off:
@@ -15,6 +16,8 @@ Ablations (paper §6.4, App. C.5), options too: variant = wo_sep (one CE on A^u 
 Q^T only), wo_t (CE on Q^S only); gamma_shape = linear (γ_u = 1 − s_u) instead of exponential;
 gamma_schedule = constant (γ = gamma_value), decreasing (global γ from 1 to 0 over schedule_epochs)
 or increasing (0 to 1) instead of per_user.
+One top-(K + L) of each chunk of the student's scores gives Q^S (its first K, ties as topk orders
+them) and the top-|A^u| lists of a_overlap.
 Logged per epoch: overlap = mean s_u; a_overlap = the mean share of A^u that the student ranks in its own
 top-|A^u| (paper Table 7: how well the sampled set stands in for the items the student puts first).
 """
@@ -54,26 +57,97 @@ def ordered_keys(values: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31
 
 
-def sampling_weights(scores: torch.Tensor, ref_items: torch.Tensor, ref_mask: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """table[z] [B, I] with z = rank_above_counts(scores, ref_items, ref_mask), the same numbers.
+def in_lists(items: torch.Tensor, members: torch.Tensor, members_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """items [B, N], members [B, M] → [B, N] bool: is items[b, n] among members[b, m] (where members_mask)?
+    The same as `membership`, by direct comparison: cheaper than an |I|-wide table when N·M ≪ |I|."""
+    equal = items[:, :, None] == members[:, None, :]  # [B, N, M]
+    if members_mask is not None:
+        equal &= members_mask[:, None, :]
+    return equal.any(2)
 
-    z > 0 only for items above the row's lowest reference score (about 12% of items for a trained
-    student on CiteULike), so z is searched for those alone: their order-preserving integer keys,
-    offset by row, in the rows' sorted reference keys laid end to end. When more than a quarter of
-    the items are above (an untrained student), every item is searched instead."""
-    n_rows, k = ref_items.shape
+
+def draw_by_z(
+    scores: torch.Tensor,
+    ref_items: torch.Tensor,
+    ref_mask: torch.Tensor,
+    table: torch.Tensor,
+    n: int,
+    n_excluded: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """[B, n] items drawn with replacement, p_j ∝ table[z_j] over each row's eligible items j (finite
+    score, not a reference item), z_j = the number of reference items (where ref_mask) scoring strictly
+    below j, as `rank_above_counts` counts them.
+
+    z is constant between consecutive reference scores, so no |I|-wide weight row is needed:
+    - the items above the row's lowest reference score (z >= 1; about 12% of CiteULike's items for a
+      trained student) are listed with their z (a binary search), and a draw that falls there picks
+      one by its weight through one cumulative sum of the listed weights (float64);
+    - bucket 0 (z = 0: at or below the lowest reference score) carries n_0 · table[0]; a draw that
+      falls there takes a uniform item of the bucket, by rejection (a uniform item, kept when in the
+      bucket; 4 tries at once) when the bucket holds at least a quarter of the items, else from a list
+      of the bucket.
+    scores [B, I] with excluded items at -inf, `n_excluded` [B] of them per row; ref_items, ref_mask
+    [B, K]; table [K + 1].
+    """
+    n_rows, n_items = scores.shape
+    device = scores.device
     ref = scores.gather(1, ref_items).masked_fill(~ref_mask, float("inf")).sort(1).values  # [B, K]
-    above = scores > ref[:, :1]
-    if int(above.count_nonzero()) > above.numel() // 4:  # an untrained student: search every item
-        return table.take(torch.searchsorted(ref, scores.contiguous(), side="left"))
-    weights = torch.full_like(scores, float(table[0]))
-    rows, cols = torch.nonzero(above, as_tuple=True)
-    if len(rows):
-        offsets = torch.arange(n_rows, device=scores.device)[:, None] * 2**32
-        ref_keys = (ordered_keys(ref) + offsets).flatten()  # sorted: rows in order, each sorted
-        z = torch.searchsorted(ref_keys, ordered_keys(scores[rows, cols]) + rows * 2**32) - rows * k
-        weights[rows, cols] = table[z]
-    return weights
+    low = ref[:, :1]  # [B, 1] the lowest reference score; +inf when the row has none (every z is 0)
+    above = scores > low  # [B, I]: z >= 1
+    refs_above = (above.gather(1, ref_items) & ref_mask).sum(1)  # [B]
+    above.scatter_(1, ref_items, above.gather(1, ref_items) & ~ref_mask)  # reference items are never drawn
+    rows, cols = torch.nonzero(above, as_tuple=True)  # row-major: each row's listed items side by side
+    bounds = torch.searchsorted(rows, torch.arange(n_rows + 1, device=device))  # [B + 1] each row's segment
+    first, last = bounds[:-1], bounds[1:]
+    refs_low = ((ref == low) & (ref > float("-inf"))).sum(1)  # reference items in bucket 0 (ties with the lowest)
+    n_zero = n_items - (last - first) - refs_above - n_excluded - refs_low  # [B] eligible items of bucket 0
+
+    offsets = torch.arange(n_rows, device=device)[:, None] * 2**32
+    ref_keys = (ordered_keys(ref) + offsets).flatten()  # sorted: rows in order, each sorted
+    z = torch.searchsorted(ref_keys, ordered_keys(scores[rows, cols]) + rows * 2**32) - rows * ref.shape[1]
+    cumulative = torch.zeros(len(z) + 1, dtype=torch.float64, device=device)  # [N + 1] listed weights' running sum
+    torch.cumsum(table[z].double(), 0, out=cumulative[1:])
+    zero_weight = float(table[0])
+    zero_mass = n_zero.double() * zero_weight  # [B]
+    total = zero_mass + cumulative[last] - cumulative[first]
+    if bool((total <= 0).any()):
+        raise ValueError("RCE-KD sampling: a user has no item to draw (every item excluded or in (Q^T)_2)")
+    u = torch.rand(n_rows, n, generator=generator, dtype=torch.float64, device=device) * total[:, None]
+    in_zero = u < zero_mass[:, None]  # [B, n]
+    index = torch.searchsorted(cumulative[1:], u - zero_mass[:, None] + cumulative[first][:, None], right=True)
+    index = torch.minimum(torch.maximum(index, first[:, None]), (last - 1).clamp(min=0)[:, None])
+    drawn = cols[index.clamp(max=len(cols) - 1)] if len(cols) else torch.zeros_like(index)
+
+    listed_zero = n_zero < n_items // 4  # [B] bucket 0 too small for rejection: list it
+    pending_rows, pending_cols = torch.nonzero(in_zero & ~listed_zero[:, None], as_tuple=True)
+    while len(pending_rows):  # each pending draw: the first of 4 uniform items that lies in bucket 0
+        candidates = torch.randint(n_items, (len(pending_rows), 4), generator=generator, device=device)
+        values = scores[pending_rows[:, None], candidates]  # [P, 4]
+        bound = low[pending_rows]  # [P, 1]
+        ok = (values < bound) & (values > float("-inf"))
+        tie = values == bound  # only a tie with the lowest reference score can be a reference item itself
+        if bool(tie.any()):
+            at, tries = torch.nonzero(tie, as_tuple=True)
+            row = pending_rows[at]
+            is_ref = ((ref_items[row] == candidates[at, tries][:, None]) & ref_mask[row]).any(1)
+            ok[at, tries] = ~is_ref
+        found = ok.any(1)
+        chosen = candidates.gather(1, ok.to(torch.uint8).argmax(1, keepdim=True)).squeeze(1)  # the first accepted
+        drawn[pending_rows, pending_cols] = torch.where(found, chosen, drawn[pending_rows, pending_cols])
+        pending_rows, pending_cols = pending_rows[~found], pending_cols[~found]
+    if bool(listed_zero.any()):
+        small = torch.nonzero(listed_zero).squeeze(1)  # [S]
+        sub = scores[small]
+        below = (sub <= low[small]) & (sub > float("-inf"))
+        below.scatter_(1, ref_items[small], below.gather(1, ref_items[small]) & ~ref_mask[small])
+        below_rows, below_cols = torch.nonzero(below, as_tuple=True)
+        below_first = torch.searchsorted(below_rows, torch.arange(len(small), device=device))  # [S]
+        rank = torch.minimum((u[small] / zero_weight).long(), (n_zero[small, None] - 1).clamp(min=0))  # uniform in bucket 0
+        position = (below_first[:, None] + rank).clamp(max=max(len(below_cols) - 1, 0))
+        pick = below_cols[position] if len(below_cols) else drawn[small]
+        drawn[small] = torch.where(in_zero[small], pick, drawn[small])
+    return drawn
 
 
 def mixing_weight(overlap: torch.Tensor, *, beta: float, shape: str = "exponential") -> torch.Tensor:
@@ -94,7 +168,7 @@ def top_share(top: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, n_ite
     """
     size = valid.sum(1)  # [B]
     top = top[:, : items.shape[1]]
-    in_top = membership(items, top, n_items, members_mask=torch.arange(items.shape[1], device=items.device) < size[:, None])
+    in_top = in_lists(items, top, members_mask=torch.arange(items.shape[1], device=items.device) < size[:, None])
     return (in_top & valid).sum(1) / size.clamp(min=1)
 
 
@@ -172,12 +246,13 @@ class RCEKD:
         overlap_sum = a_overlap_sum = 0.0
         for start, end, scores in score_chunks(student, ctx.n_users, exclude=self.exclude, chunk=ctx.chunk, device=ctx.device):
             qt = self.teacher_items[start:end]  # [b, K]
-            qs = scores.topk(k, dim=1).indices  # [b, K] (not cut from the top-(K + L) below: ties may order differently)
-            in_qs = membership(qt, qs, ctx.n_items)  # (Q^T)_1 where True, (Q^T)_2 where False
+            top = scores.topk(k + l, dim=1).indices  # [b, K + L]: the student's best items, best first
+            qs = top[:, :k]  # Q^S (ties: as topk orders them)
+            in_qs = in_lists(qt, qs)  # (Q^T)_1 where True, (Q^T)_2 where False
             sampled, sampled_ok = self._sample(scores, start, end, qt, ~in_qs, generator)  # [b, L]
             overlap = in_qs.float().mean(1)
             if self.gamma_from == "sampled":
-                overlap = membership(qt, sampled, ctx.n_items).float().mean(1)
+                overlap = in_lists(qt, sampled).float().mean(1)
             a_items = torch.cat([qt, sampled], 1)  # [b, K + L]
             teacher_logits = ctx.teacher.take(start, end, torch.cat([qs, a_items], 1))  # [b, 2K + L]
             self.student_items[start:end] = qs
@@ -187,7 +262,7 @@ class RCEKD:
             self.set_teacher_logits[start:end] = teacher_logits[:, k:]
             self.gamma[start:end] = mixing_weight(overlap, beta=self.beta, shape=self.gamma_shape)
             overlap_sum += float(in_qs.float().mean(1).sum())
-            a_overlap_sum += float(top_share(scores.topk(k + l, dim=1).indices, a_items, self.set_mask[start:end], ctx.n_items).sum())
+            a_overlap_sum += float(top_share(top, a_items, self.set_mask[start:end], ctx.n_items).sum())
         if self.gamma_schedule != "per_user":
             self.gamma.fill_(scheduled_gamma(self.gamma_schedule, self.epoch, epochs=self.schedule_epochs, value=self.gamma_value))
         n = ctx.n_users
@@ -198,12 +273,8 @@ class RCEKD:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw L items per user with p_j ∝ exp(z_j / T_s); returns items [b, L] and a validity mask."""
         if self.sampling == "paper":
-            weights = sampling_weights(scores, qt, q2, self._exp_table(q2.shape[1]))  # exp(z / T_s), z by rank_above_counts
-            for known in self.exclude:  # training items (scored −inf) when excluded
-                rows, cols = known.block(start, end)
-                weights[rows, cols] = 0.0
-            weights.scatter_(1, qt, torch.where(q2, 0.0, weights.gather(1, qt)))  # (Q^T)_2 is already in A^u
-            sampled = torch.multinomial(weights, self.l, replacement=True, generator=generator)
+            excluded = sum((known.counts[start:end] for known in self.exclude), torch.zeros(end - start, dtype=torch.long, device=scores.device))
+            sampled = draw_by_z(scores, qt, q2, self._exp_table(q2.shape[1]), self.l, excluded, generator)
             return sampled, dedupe_rows(sampled, torch.ones_like(sampled, dtype=torch.bool))
         pool = scores.topk(self.pool_top_m, dim=1)  # the student's top-M positions
         z = rank_above_counts(scores, qt, torch.ones_like(q2)).gather(1, pool.indices).clamp(max=self.z_cap)
