@@ -140,7 +140,10 @@ class TeacherCache:
         device: torch.device,
         chunk: int = 1024,
         teacher_sha256: str | None = None,
+        resident: bool = False,
     ):
+        """With `resident`, a float32/float16 store is read once, as float32, into a tensor on `device`,
+        and every later read indexes it (no file reads or host-to-device copies per epoch or step)."""
         directory = Path(directory)
         meta_path = directory / "meta.json"
         if not meta_path.exists():
@@ -187,11 +190,20 @@ class TeacherCache:
             self.item_table = read("items.f32", self.n_items).to(device)
         else:
             self.path, self.dtype = directory / SCORE_FILES[store][0], np.dtype(SCORE_FILES[store][1])
+        self.resident: torch.Tensor | None = None  # [U, I] float32 on the device
+        if resident and store != "factors":
+            scores = torch.empty(self.n_users, self.n_items, dtype=torch.float32, device=device)
+            for start in range(0, self.n_users, chunk):
+                end = min(start + chunk, self.n_users)
+                scores[start:end] = self.rows(start, end)
+            self.resident = scores
 
     def rows(self, start: int, end: int) -> torch.Tensor:
         """Teacher scores of users [start, end) for all items: [end - start, I]."""
         if self.store == "factors":
             return self.user_vecs[start:end] @ self.item_table.T
+        if self.resident is not None:
+            return self.resident[start:end].clone()  # callers may write into it
         row_bytes = self.n_items * self.dtype.itemsize
         block = np.fromfile(self.path, dtype=self.dtype, count=(end - start) * self.n_items, offset=start * row_bytes)
         return self._tensor(block.reshape(end - start, self.n_items))
@@ -200,6 +212,8 @@ class TeacherCache:
         """Teacher scores of the given users for all items: [B, I] (a batch's users, any order)."""
         if self.store == "factors":
             return self.user_vecs[users] @ self.item_table.T
+        if self.resident is not None:
+            return self.resident[users]
         out = np.empty((len(users), self.n_items), dtype=self.dtype)
         row_bytes = self.n_items * self.dtype.itemsize
         with open(self.path, "rb") as handle:
@@ -213,6 +227,8 @@ class TeacherCache:
         without forming the rows when the store is factors."""
         if self.store == "factors":
             return torch.einsum("bd,bnd->bn", self.user_vecs[start:end], self.item_table[items])
+        if self.resident is not None:
+            return self.resident[start:end].gather(1, items)
         return self.rows(start, end).gather(1, items)
 
     def gather(self, items: torch.Tensor) -> torch.Tensor:
@@ -251,6 +267,15 @@ class TeacherCache:
 
     def _tensor(self, block: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(block).to(self.device, torch.float32)
+
+
+def fits_on_device(n_users: int, n_items: int, device: torch.device, share: float = 0.25) -> bool:
+    """Whether a float32 score matrix would take at most `share` of the GPU's free memory (False on the CPU,
+    where reading chunks of the file costs little)."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return n_users * n_items * 4 <= share * free
 
 
 def _size_problems(directory: Path, sizes: dict[str, int]) -> list[str]:

@@ -9,7 +9,7 @@ import torch
 import typer
 
 from rcekd.backbones import BACKBONES
-from rcekd.cache import TeacherCache
+from rcekd.cache import TeacherCache, fits_on_device
 from rcekd.checkpoint import save_checkpoint
 from rcekd.data import load_splits
 from rcekd.diagnostics import RankingDiagnostics
@@ -68,7 +68,8 @@ def main(
             if kd_params.get(key, 0) > splits.n_items:
                 raise ParamsError(f"{params}: kd.{method}.{key} = {kd_params[key]} exceeds the {splits.n_items} items")
         expected = file_sha256(teacher) if teacher is not None else None
-        scores = TeacherCache(cache, splits=splits, device=device, chunk=options["eval_chunk"], teacher_sha256=expected)
+        resident = fits_on_device(splits.n_users, splits.n_items, device)  # on a GPU, scores stay on it when they fit
+        scores = TeacherCache(cache, splits=splits, device=device, chunk=options["eval_chunk"], teacher_sha256=expected, resident=resident)
         train_items = UserItems(splits.train, splits.n_users, splits.n_items, device)
         lists = read_trajectory(trajectory, splits.n_users).to(device) if trajectory is not None else None
         weight, reduction = float(loop.get("weight", 0.0)), loop.get("reduction", "users")

@@ -314,3 +314,30 @@ def test_bpr_loss_hand_value():
     assert bpr_loss(user, pos, neg, weight_decay=0.0).item() == pytest.approx(
         (math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(1.0))) / 2, rel=1e-6
     )
+
+
+@pytest.mark.parametrize("store", ["float32", "float16"])
+def test_resident_cache_reads_like_the_file(cache_dir, splits, tmp_path, store):
+    """A resident cache (the scores held in one tensor, as on a GPU) gives the streamed cache's numbers
+    through every read, and a caller writing into what `rows` returned leaves it intact."""
+    directory, _ = cache_dir
+    if store != "float32":
+        teacher = make_teacher()
+        with torch.no_grad():
+            teacher.item_emb.weight[1] = teacher.user_emb.weight[0] * 10  # as the fixture
+        directory = tmp_path / store
+        write_cache(teacher, splits, directory, topk=STORED_K, checkpoint_sha256="f" * 64, chunk=3, device=CPU, store=store)
+    streamed = TeacherCache(directory, splits=splits, device=CPU, chunk=3)
+    resident = TeacherCache(directory, splits=splits, device=CPU, chunk=3, resident=True)
+    assert resident.resident is not None and streamed.resident is None
+    users = torch.tensor([5, 0, 5, 3])
+    items = torch.tensor([[(u * 3 + n) % N_ITEMS for n in range(5)] for u in range(N_USERS)])
+    assert torch.equal(resident.rows(0, N_USERS), streamed.rows(0, N_USERS))
+    assert torch.equal(resident.rows_of(users), streamed.rows_of(users))
+    assert torch.equal(resident.take(1, 4, items[1:4]), streamed.take(1, 4, items[1:4]))
+    assert torch.equal(resident.gather(items), streamed.gather(items))
+    train = UserItems(splits.train, N_USERS, N_ITEMS)
+    for k in (STORED_K, STORED_K + 2):  # from the Parquet lists, then by scanning the rows
+        assert torch.equal(resident.topk(k, exclude=train)[0], streamed.topk(k, exclude=train)[0])
+    resident.rows(0, 2).fill_(float("nan"))
+    assert torch.equal(resident.rows(0, N_USERS), streamed.rows(0, N_USERS))
