@@ -39,7 +39,14 @@ TARGETS = {"eval_student": 0.5, "eval_teacher": 0.6, "rcekd_prep": 0.5, "lightgc
 
 
 def worker(name: str, code: Path, work: Path, device_name: str, repeats: int) -> dict:
-    """One measurement with the code on sys.path (run in its own process)."""
+    """One measurement with the code on sys.path (run in its own process), set up as its `rcekd` command
+    sets up a process (the allocator setting of stages/cli.py, where the code has it)."""
+    try:
+        from stages.cli import keep_freed_memory
+    except ImportError:
+        keep_freed_memory = None
+    if keep_freed_memory is not None:
+        keep_freed_memory()
     import torch
     import yaml
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from rcekd.backbones import MF
 from rcekd.cache import TeacherCache, write_cache
 from rcekd.data import Splits
 from rcekd.kd import KDContext
 from rcekd.kd.rcekd import RCEKD
 from rcekd.sparse import UserItems
+from test_rcekd_pieces import fixed_mf  # an MF whose score matrix is given
 
 N_ITEMS, K, L = 60, 6, 50
 GROUP = 1000  # users per group; 1000 × L = 50,000 draws each
@@ -54,16 +54,6 @@ def trained_group() -> tuple[np.ndarray, np.ndarray, set[int]]:
 
 
 GROUPS = {"untrained": untrained_group(), "trained": trained_group()}
-
-
-def fixed_mf(scores: np.ndarray) -> MF:
-    """An MF whose score matrix is exactly `scores` (user vectors = rows, item table = identity)."""
-    scores = torch.as_tensor(scores, dtype=torch.float32)
-    model = MF(n_users=scores.shape[0], n_items=scores.shape[1], dim=scores.shape[1])
-    with torch.no_grad():
-        model.user_emb.weight.copy_(scores)
-        model.item_emb.weight.copy_(torch.eye(scores.shape[1]))
-    return model
 
 
 def expected(student: np.ndarray, teacher: np.ndarray, train: set[int], temperature: float):
