@@ -7,7 +7,7 @@ the metrics read the top-N items' membership in the targets' CSR arrays, never a
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -35,24 +35,32 @@ def score_users(
 
 
 @torch.no_grad()
+def score_batches(
+    model: nn.Module, batches: Iterable[torch.Tensor], *, exclude: list[UserItems]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (users, scores [len(users), I]) for each batch of users, in eval mode, with the `exclude`
+    items at -inf. `scores` is a view of one buffer (the first batch's, the largest) that the next
+    batch overwrites: use it (or copy it) before then."""
+    was_training = model.training
+    model.eval()
+    buffer = None
+    try:
+        for users in batches:
+            scores = score_users(model, users, exclude=exclude, out=buffer)
+            buffer = scores if buffer is None else buffer
+            yield users, scores
+    finally:
+        model.train(was_training)
+
+
 def score_chunks(
     model: nn.Module, n_users: int, *, exclude: list[UserItems], chunk: int, device: torch.device
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield (start, end, scores [end - start, I]) with the `exclude` items of each user set to -inf.
-
-    `scores` is a view of one buffer that the next chunk overwrites: use it (or copy it) before then.
-    """
-    was_training = model.training
-    model.eval()
-    buffer = None  # the first chunk's scores, the largest: every later chunk is written into it
-    try:
-        for start in range(0, n_users, chunk):
-            end = min(start + chunk, n_users)
-            scores = score_users(model, torch.arange(start, end, device=device), exclude=exclude, out=buffer)
-            buffer = scores if buffer is None else buffer
-            yield start, end, scores
-    finally:
-        model.train(was_training)
+    """Yield (start, end, scores [end - start, I]) over users 0..n_users in chunks (`score_batches`)."""
+    start = 0
+    for users, scores in score_batches(model, torch.arange(n_users, device=device).split(chunk), exclude=exclude):
+        yield start, start + len(users), scores
+        start += len(users)
 
 
 @torch.no_grad()
@@ -71,17 +79,9 @@ def full_ranking(
     order within the top-N list decides NDCG when two items score exactly alike). Sums are float64."""
     sums = {f"{m}@{k}": torch.zeros((), dtype=torch.float64, device=device) for k in ks for m in ("recall", "ndcg")}
     evaluated = torch.nonzero(targets.counts > 0).squeeze(1).to(device)  # [n]
-    was_training = model.training
-    model.eval()
-    buffer = None
-    try:
-        for users in evaluated.split(chunk):
-            scores = score_users(model, users, exclude=exclude, out=buffer)
-            buffer = scores if buffer is None else buffer
-            top = scores.topk(max(ks), dim=1).indices  # [B, N]
-            hits = targets.contains(users[:, None].expand_as(top), top)
-            for name, values in ranking_metrics(hits, targets.counts[users], ks).items():
-                sums[name] += values.sum(dtype=torch.float64)
-    finally:
-        model.train(was_training)
+    for users, scores in score_batches(model, evaluated.split(chunk), exclude=exclude):
+        top = scores.topk(max(ks), dim=1).indices  # [B, N]
+        hits = targets.contains(users[:, None].expand_as(top), top)
+        for name, values in ranking_metrics(hits, targets.counts[users], ks).items():
+            sums[name] += values.sum(dtype=torch.float64)
     return {name: float(total) / max(len(evaluated), 1) for name, total in sums.items()}

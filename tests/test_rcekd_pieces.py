@@ -14,25 +14,25 @@ from rcekd.backbones import MF
 from rcekd.cache import TeacherCache, write_cache
 from rcekd.data import Splits
 from rcekd.kd import KDContext
-from rcekd.kd.rcekd import RCEKD, dedupe_rows, draw_by_z, membership, mixing_weight, ordered_keys, rank_above_counts
+from rcekd.kd.rcekd import RCEKD, dedupe_rows, draw_by_z, in_lists, mixing_weight, ordered_keys, rank_above_counts
 from rcekd.sparse import UserItems
 
 # ---------------------------------------------------------------- pure pieces
 
 
-def test_membership():
+def test_in_lists():
     """items[b, n] ∈ members[b, :], optionally only where members_mask; rows are independent."""
     items = torch.tensor([[0, 3, 5], [1, 2, 2]])
     members = torch.tensor([[3, 4], [2, 0]])
-    got = membership(items, members, 6)
+    got = in_lists(items, members)
     assert got.tolist() == [[False, True, False], [False, True, True]]
 
     members_mask = torch.tensor([[True, False], [False, True]])  # members are {3} and {0}
-    got = membership(items, members, 6, members_mask=members_mask)
+    got = in_lists(items, members, members_mask=members_mask)
     assert got.tolist() == [[False, True, False], [False, False, False]]
 
     # the last item id (n_items − 1) is a real item, not the spare column
-    got = membership(torch.tensor([[5, 4]]), torch.tensor([[5, 5]]), 6, members_mask=torch.tensor([[False, True]]))
+    got = in_lists(torch.tensor([[5, 4]]), torch.tensor([[5, 5]]), members_mask=torch.tensor([[False, True]]))
     assert got.tolist() == [[True, False]]
 
 

@@ -136,11 +136,7 @@ class PairwiseBPR(Backbone):
             )
             first = last
 
-    def batch_loss(self, batch: tuple, *, weight_decay: float) -> Step:
-        if len(batch) == 3:  # (users, pos, neg) built by hand: find its unique users here (a host sync)
-            users, pos, neg = batch
-            batch_users, inverse = users.unique(return_inverse=True)
-            batch = PairBatch(users, pos, neg, batch_users, inverse, torch.bincount(inverse, minlength=len(batch_users)))
+    def batch_loss(self, batch: PairBatch, *, weight_decay: float) -> Step:
         users, pos, neg, batch_users, inverse, counts = batch
         user_vecs, item_table = self.encode(batch_users)
         base = bpr_loss(

@@ -31,17 +31,6 @@ from rcekd.evaluate import score_chunks
 from rcekd.kd.common import KDContext, pair_scores, soft_ce
 
 
-def membership(
-    items: torch.Tensor, members: torch.Tensor, n_items: int, members_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """items [B, N], members [B, M] → [B, N] bool: is items[b, n] among members[b, m] (where members_mask)?"""
-    table = torch.zeros(items.shape[0], n_items + 1, dtype=torch.bool, device=items.device)
-    if members_mask is not None:
-        members = members.masked_fill(~members_mask, n_items)  # a spare column nobody reads
-    table.scatter_(1, members, True)
-    return table[:, :n_items].gather(1, items)
-
-
 def rank_above_counts(scores: torch.Tensor, ref_items: torch.Tensor, ref_mask: torch.Tensor) -> torch.Tensor:
     """z [B, I]: for each item j, how many reference items i (where ref_mask) score strictly below j.
 
@@ -59,7 +48,7 @@ def ordered_keys(values: torch.Tensor) -> torch.Tensor:
 
 def in_lists(items: torch.Tensor, members: torch.Tensor, members_mask: torch.Tensor | None = None) -> torch.Tensor:
     """items [B, N], members [B, M] → [B, N] bool: is items[b, n] among members[b, m] (where members_mask)?
-    The same as `membership`, by direct comparison: cheaper than an |I|-wide table when N·M ≪ |I|."""
+    By direct comparison: cheaper than an |I|-wide table when N·M ≪ |I|, as here (K, L ≤ a few hundred)."""
     equal = items[:, :, None] == members[:, None, :]  # [B, N, M]
     if members_mask is not None:
         equal &= members_mask[:, None, :]
@@ -282,7 +271,7 @@ class RCEKD:
         sampled = pool.indices.gather(1, picks)  # distinct; those in (Q^T)_2 are already in A^u
         # a user with fewer than M non-training items has training items (−inf) in the pool: drop them
         known = torch.isneginf(pool.values.gather(1, picks))
-        return sampled, ~membership(sampled, qt, self.ctx.n_items, members_mask=q2) & ~known
+        return sampled, ~in_lists(sampled, qt, members_mask=q2) & ~known
 
     def _exp_table(self, k: int) -> torch.Tensor:
         return torch.exp(torch.arange(k + 1, dtype=torch.float32, device=self.ctx.device) / self.sample_temperature)
