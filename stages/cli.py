@@ -29,7 +29,7 @@ def keep_freed_memory() -> None:
     """Have glibc serve allocations up to 2 GiB from its heap and keep freed memory mapped, for the
     whole process. By default it maps every allocation above 32 MiB afresh and returns it when freed,
     so each step's large tensors (a dim-400 MF's embedding gradients, LightGCN's layers) are
-    page-faulted in again at every step: half of an MF-400 teacher step here (benchmarks/README.md).
+    page-faulted in again at every step (its effect: benchmarks/README.md, the two throughput runs).
     Only time changes: no computed value depends on where memory comes from. Peak RSS is the high-water
     mark either way. Elsewhere than glibc (macOS), nothing is changed."""
     try:
