@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rcekd.backbones import HSTU, LightGCN
-from rcekd.backbones.hstu import last_items
+from rcekd.backbones.hstu import Groups, SequenceBatch, last_items, length_groups
 from rcekd.backbones.lightgcn import normalized_adjacency
 from rcekd.evaluate import score_chunks
 
@@ -197,6 +197,48 @@ def test_hstu_sampled_softmax_by_hand() -> None:
         losses.append(-F.log_softmax(logits, 0)[0])
     torch.testing.assert_close(step.base, torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
     assert step.users.tolist() == [0, 1] and step.rows.tolist() == [2, 0]
+
+
+def test_length_groups_by_hand() -> None:
+    """Windows in powers of two from 4, each group's window its longest length; rows stably in group
+    order within their own batch; `inverse` undoes `order`."""
+    lengths = torch.tensor([3, 9, 1, 4, 17, 5, 100])
+    first, second, third = length_groups(lengths, 3, 100)
+    assert first.order.tolist() == [0, 2, 1] and first.sizes == ((2, 3), (1, 9))  # {3, 1} ≤ 4 < {9} ≤ 16
+    assert second.order.tolist() == [0, 2, 1] and second.sizes == ((1, 4), (1, 5), (1, 17))
+    assert third.order.tolist() == [0] and third.sizes == ((1, 100),)
+    for groups in (first, second, third):
+        assert torch.equal(groups.order[groups.inverse], torch.arange(len(groups.order)))
+    assert length_groups(torch.tensor([0, 2]), 2, 8)[0].sizes == ((2, 2),)  # an empty window counts as 1
+
+
+def test_hstu_length_groups_give_the_padded_batch() -> None:
+    """A training step in length groups is the padded batch's step (one group over the longest window)
+    up to rounding: loss, user vectors, rows and every gradient, with dropout on: the groups take
+    their rows from the padded batch's dropout draws."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    train = np.array([[u, int(i)] for u in range(10) for i in rng.choice(40, rng.integers(1, 20), replace=False)])
+    model = HSTU(n_users=10, n_items=40, dim=8, blocks=2, heads=2, max_len=16, negatives=8, dropout=0.3).bind(train)
+    batch = next(model.training_batches(10, torch.Generator().manual_seed(0)))
+    assert len(batch.groups.sizes) >= 3
+    longest = max(window for _, window in batch.groups.sizes)
+    padded = SequenceBatch(batch.users, batch.negatives, Groups(torch.arange(10), torch.arange(10), ((10, longest),)))
+    results = []
+    for each in (batch, padded):
+        torch.manual_seed(1)
+        model.zero_grad()
+        step = model.batch_loss(each, weight_decay=0.01)
+        step.base.backward()
+        results.append((step, {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (grouped, grouped_grads), (reference, reference_grads) = results
+    torch.testing.assert_close(grouped.base, reference.base, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grouped.user_vecs, reference.user_vecs, rtol=1e-5, atol=1e-6)
+    assert torch.equal(grouped.rows, reference.rows) and torch.equal(grouped.users, reference.users)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    torch.manual_seed(2)  # other dropout draws give another loss: the draws above were shared
+    assert abs(float(model.batch_loss(batch, weight_decay=0.01).base.detach()) - float(reference.base.detach())) > 1e-4
 
 
 def test_backbones_need_their_training_pairs() -> None:

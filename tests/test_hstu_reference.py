@@ -80,10 +80,11 @@ def assert_real_positions_close(got: torch.Tensor, expected: np.ndarray) -> None
 
 
 def test_block_against_reference() -> None:
-    """HSTUBlock.forward on hand-built mask (causal ∧ key not padding), count (keys attended, ≥ 1) and
-    distance (i − j), with nonzero inputs at padded positions: they must not reach the real outputs."""
+    """HSTUBlock.forward on a hand-built divisor (keys attended, ≥ 1, where causal ∧ key not padding;
+    +inf elsewhere) and distance (i − j), with nonzero inputs at padded positions: they must not reach
+    the real outputs."""
     torch.manual_seed(0)
-    block = HSTUBlock(DIM, HEADS, max_len=LENGTH, dropout=0.0).eval()
+    block = HSTUBlock(DIM, HEADS, max_len=LENGTH).eval()
     seeded_(block, seed=1)
     x = torch.randn(len(REAL), LENGTH, DIM, generator=torch.Generator().manual_seed(2))
     mask = torch.zeros(len(REAL), LENGTH, LENGTH, dtype=torch.bool)
@@ -91,10 +92,11 @@ def test_block_against_reference() -> None:
         for i in range(LENGTH):
             for j in range(i + 1):
                 mask[b, i, j] = bool(REAL[b, j])
-    count = mask.sum(-1).clamp(min=1).float()
+    count = mask.sum(-1, keepdim=True).clamp(min=1).float()
+    divisor = torch.where(mask, count, torch.tensor(float("inf")))
     distance = torch.tensor([[max(i - j, 0) for j in range(LENGTH)] for i in range(LENGTH)])
     with torch.no_grad():
-        got = block(x, mask, count, distance)
+        got = block(x, divisor, distance)
     p = block_params(block)
     expected = np.stack([reference_block(x[b].double().numpy(), REAL[b], p) for b in range(len(REAL))])
     assert_real_positions_close(got, expected)

@@ -4,7 +4,7 @@ A backbone maps a batch of users to user vectors and gives an item table (`encod
 dot product. It is bound once to the training pairs (`bind`) for what it derives from them (the
 graph, the sequences), then trained through `training_batches` (all randomness, from the loop's
 generator) and `batch_loss` (one forward, whose user vectors and item table the distillation loss
-reuses). Whatever only the host can size (a batch's unique users, its sequences' longest window) is
+reuses). Whatever only the host can size (a batch's unique users, its sequences' length groups) is
 worked out for the whole epoch in `training_batches`, so that a step never waits for the device
 (tests/test_sync_guard.py).
 """

@@ -11,12 +11,18 @@ Training is autoregressive (position t predicts item t+1) with sampled softmax o
 temperature against `negatives` uniform items shared by the batch. The user vector for ranking and
 distillation is the output at the last position over the user's last `max_len` training items; the
 logit is cosine / temperature (what it was trained on), or the raw cosine after `use_raw_cosine()`.
+
+A batch runs in length groups: its sequences are grouped by window length (powers of two, from
+MIN_WINDOW) and each group runs over its own longest window only. Left padding changes no real
+position's output, so this is the padded batch's computation without its padding (CiteULike's windows
+average 16 of 100 positions); the dropout multipliers are drawn for the whole padded batch, as one
+padded forward draws them, so only rounding differs from it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -40,8 +46,45 @@ def last_items(train: np.ndarray, n_users: int, max_len: int, pad: int) -> np.nd
     return out
 
 
+MIN_WINDOW = 4  # the shortest group window; a group of window w holds the lengths in (w / 2, w]
+
+
+class Groups(NamedTuple):
+    """A batch of sequences in length groups (worked out per epoch, so that a step needs no host sync)."""
+
+    order: torch.Tensor  # [B] the batch's rows, group after group
+    inverse: torch.Tensor  # [B] where each row went: grouped[inverse] is the batch's order
+    sizes: tuple[tuple[int, int], ...]  # (rows, window) of each group, in order
+
+
+def length_groups(lengths: torch.Tensor, batch_size: int, max_len: int) -> list[Groups]:
+    """`Groups` of each consecutive `batch_size` rows of `lengths` [N] (window lengths): rows ordered by
+    group, stably; a group's window is its longest length (at least 1). One host sync for all batches."""
+    device = lengths.device
+    edges = torch.tensor([MIN_WINDOW << i for i in range(max(max_len // MIN_WINDOW, 1).bit_length())], device=device)
+    n_bins, n_batches = len(edges) + 1, -(-len(lengths) // batch_size)
+    key = torch.arange(len(lengths), device=device) // batch_size * n_bins + torch.bucketize(lengths, edges)
+    order = torch.argsort(key, stable=True)  # each batch's rows stay in its own slice
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=device)
+    counts = torch.bincount(key, minlength=n_batches * n_bins).tolist()
+    longest = torch.zeros(n_batches * n_bins, dtype=lengths.dtype, device=device).scatter_reduce(0, key, lengths, reduce="amax").tolist()
+    out = []
+    for b, lo in enumerate(range(0, len(lengths), batch_size)):
+        bins = range(b * n_bins, (b + 1) * n_bins)
+        sizes = tuple((counts[i], max(longest[i], 1)) for i in bins if counts[i])
+        out.append(Groups(order[lo : lo + batch_size] - lo, inverse[lo : lo + batch_size] - lo, sizes))
+    return out
+
+
+class SequenceBatch(NamedTuple):
+    users: torch.Tensor  # [B] sorted
+    negatives: torch.Tensor  # [N] uniform items shared by the batch
+    groups: Groups
+
+
 class HSTUBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, max_len: int, dropout: float):
+    def __init__(self, dim: int, heads: int, max_len: int):
         super().__init__()
         if dim % heads:
             raise ValueError(f"hstu: dim = {dim} must be a multiple of heads = {heads}")
@@ -51,10 +94,12 @@ class HSTUBlock(nn.Module):
         self.rel_bias = nn.Parameter(torch.zeros(heads, max_len))
         self.norm_attn = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, dim)
-        self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
-        """x [B, L, D]; mask [B, L, L] (query, key) attendable; count [B, L] keys attended; distance [L, L]."""
+    def forward(
+        self, x: torch.Tensor, divisor: torch.Tensor, distance: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, L, D]; divisor [B, L, L]: the number of keys query i attends where key j is attendable,
+        +inf where not (so A is 0 there); distance [L, L]; noise [B, L, D]: dropout's multipliers, or None."""
         batch, length, dim = x.shape
         u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).chunk(4, dim=-1)
 
@@ -62,9 +107,10 @@ class HSTUBlock(nn.Module):
             return t.view(batch, length, self.heads, dim // self.heads).transpose(1, 2)
 
         logits = split(q) @ split(k).transpose(-1, -2) + self.rel_bias[:, distance]  # [B, H, L, L]
-        attn = F.silu(logits) * mask[:, None] / count[:, None, :, None]
+        attn = F.silu(logits) / divisor[:, None]
         mixed = (attn @ split(v)).transpose(1, 2).reshape(batch, length, dim)
-        return x + self.out(self.dropout(u * self.norm_attn(mixed)))
+        gated = u * self.norm_attn(mixed)
+        return x + self.out(gated if noise is None else gated * noise)
 
 
 class HSTU(Backbone):
@@ -94,8 +140,8 @@ class HSTU(Backbone):
         self.pos_emb = nn.Embedding(max_len, dim)
         nn.init.normal_(self.item_emb.weight[:n_items], std=1.0 / math.sqrt(dim))
         nn.init.normal_(self.pos_emb.weight, std=1.0 / math.sqrt(dim))
-        self.blocks = nn.ModuleList(HSTUBlock(dim, heads, max_len, dropout) for _ in range(blocks))
-        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(HSTUBlock(dim, heads, max_len) for _ in range(blocks))
+        self.dropout = dropout
         self._sequences: torch.Tensor | None = None
         self._lengths: torch.Tensor | None = None
 
@@ -122,73 +168,110 @@ class HSTU(Backbone):
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         """seq [B, L] item ids, left-padded with n_items → L2-normalised outputs [B, L, D]."""
+        return self.grouped(seq, Groups(None, None, ((len(seq), seq.shape[1]),)))[0]
+
+    def grouped(self, seq: torch.Tensor, groups: Groups) -> list[torch.Tensor]:
+        """seq [B, L] (left-padded; rows in group order) → the outputs [rows, window, D] of each group over
+        its own last `window` positions. Dropout's multipliers are drawn for the padded [B, L', D] batch
+        (L' the longest window), as nn.Dropout draws them, one per layer in order, and each group takes
+        its rows' (`groups.order`: the batch row of each grouped row) last `window` positions."""
+        length = max(window for _, window in groups.sizes)
+        noise = [None] * (len(self.blocks) + 1)
+        if self.training and self.dropout > 0:
+            shape = (len(seq), length, self.item_emb.embedding_dim)
+            keep = 1 - self.dropout
+            noise = [torch.empty(shape, dtype=self.item_emb.weight.dtype, device=seq.device).bernoulli_(keep).div_(keep) for _ in noise]
+        states, start = [], 0
+        for rows, window in groups.sizes:
+            picked = slice(start, start + rows) if groups.order is None else groups.order[start : start + rows]
+            group_noise = [None if n is None else n[picked, length - window :] for n in noise]
+            states.append(self._embed(seq[start : start + rows, seq.shape[1] - window :], group_noise))
+            start += rows
+        for layer, block in enumerate(self.blocks, start=1):
+            states = [(block(x, divisor, distance, n[layer]), divisor, distance, n) for x, divisor, distance, n in states]
+        return [F.normalize(x, dim=-1) for x, *_ in states]
+
+    def _embed(self, seq: torch.Tensor, noise: list[torch.Tensor | None]) -> tuple:
+        """A group's inputs to the blocks: (x [B, L, D], divisor [B, L, L], distance [L, L], noise)."""
         length = seq.shape[1]
         real = seq != self.n_items
         first = length - real.sum(1, keepdim=True)  # index of each user's first real item
         positions = (torch.arange(length, device=seq.device) - first).clamp(min=0)
         x = self.item_emb(seq) + self.pos_emb(positions)
-        x = self.dropout(x) * real[..., None]
+        x = (x if noise[0] is None else x * noise[0]) * real[..., None]
         mask = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril() & real[:, None, :]
-        count = mask.sum(-1).clamp(min=1).to(x.dtype)
+        count = mask.sum(-1, keepdim=True).clamp(min=1).to(x.dtype)
+        divisor = torch.where(mask, count, torch.tensor(float("inf"), device=seq.device))
         index = torch.arange(length, device=seq.device)
         distance = (index[:, None] - index[None, :]).clamp(0, self.max_len - 1)
-        for block in self.blocks:
-            x = block(x, mask, count, distance)
-        return F.normalize(x, dim=-1)
+        return x, divisor, distance, noise
 
-    def _window(self, users: torch.Tensor, length: int | None = None) -> torch.Tensor:
-        """The users' sequences [B, length], without the columns that are padding for every row.
-
-        `length` (the longest of the users' windows) comes with a training batch, worked out once per
-        epoch. Without it, in training with gradients (a method's loss calling `encode`, DCD's item
-        side) the whole window is kept, as learning the longest here would be a host sync inside the
-        step; elsewhere (evaluation) it is read from the users' lengths."""
-        seq = self.sequences()[users]
-        if length is None:
-            if self.training and torch.is_grad_enabled():
-                return seq  # the same outputs up to rounding: left padding changes no position's output
-            length = self.longest(users)
-        return seq[:, self.max_len - max(length, 1) :]
-
-    def longest(self, users: torch.Tensor) -> int:
-        """The longest window among `users` (a host sync: not for a training step)."""
+    def groups_of(self, users: torch.Tensor) -> Groups:
+        """The length groups of a batch of `users` (a host sync: for evaluation and hand-built batches;
+        a training epoch works its batches' groups out at once in `training_batches`)."""
         self.sequences()
-        return int(self._lengths[users].max())
+        return length_groups(self._lengths[users], len(users), self.max_len)[0]
+
+    def last_outputs(self, users: torch.Tensor, groups: Groups) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """(seq [B, max_len] in group order, each group's outputs, the last positions' outputs [B, D] in
+        the order of `users`)."""
+        seq = self.sequences()[users[groups.order]]
+        outs = self.grouped(seq, groups)
+        return seq, outs, torch.cat([out[:, -1] for out in outs])[groups.inverse]
 
     def encode(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last position's output (× 1/temperature unless raw cosine) and the normalised item table."""
-        return self(self._window(users))[:, -1] * self.logit_scale, self.item_table()
+        """The last position's output (× 1/temperature unless raw cosine) and the normalised item table.
 
-    def training_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple]:
-        """(users, negatives, window length) per batch; the lengths of the epoch's batches come to the
-        host at once, so that no step waits for the device."""
+        In length groups, except in training with gradients (a method's loss calling `encode`: DCD's
+        item side), where grouping would be a host sync inside the step: there the whole window runs,
+        with the same outputs up to rounding (left padding changes no position's output)."""
+        if self.training and torch.is_grad_enabled():
+            last = self(self.sequences()[users])[:, -1]
+        else:
+            last = self.last_outputs(users, self.groups_of(users))[2]
+        return last * self.logit_scale, self.item_table()
+
+    def training_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[SequenceBatch]:
+        """Batches of `batch_size` users (sorted within the batch), the batch's shared negatives and its
+        length groups; the groups of the whole epoch come to the host at once, so that no step waits."""
         device = self._device()
         self.sequences()
         order = torch.randperm(self.n_users, generator=generator, device=device)
         batch = torch.arange(self.n_users, device=device) // batch_size
-        longest = torch.zeros(-(-self.n_users // batch_size), dtype=torch.long, device=device)
-        longest = longest.scatter_reduce(0, batch, self._lengths[order], reduce="amax").tolist()  # [n_batches]
+        users = (batch * self.n_users + order).sort().values - batch * self.n_users  # each batch's users, sorted
+        groups = length_groups(self._lengths[users], batch_size, self.max_len)
         for b, lo in enumerate(range(0, self.n_users, batch_size)):
             negatives = torch.randint(self.n_items, (self.negatives,), generator=generator, device=device)
-            yield order[lo : lo + batch_size], negatives, longest[b]
+            yield SequenceBatch(users[lo : lo + batch_size], negatives, groups[b])
 
-    def batch_loss(self, batch: tuple, *, weight_decay: float) -> Step:
-        users, negatives, *length = batch
-        users = users.sort().values
-        seq = self._window(users, length[0] if length else self.longest(users))  # by hand: no length given
-        out = self(seq)  # [B, L, D]
+    def batch_loss(self, batch: SequenceBatch | tuple, *, weight_decay: float) -> Step:
+        """Sampled softmax at every position that has a next item, a mean over those positions; `batch`
+        a `SequenceBatch`, or (users, negatives) by hand (its groups then cost a host sync)."""
+        if not isinstance(batch, SequenceBatch):
+            users, negatives = batch
+            users = users.sort().values
+            batch = SequenceBatch(users, negatives, self.groups_of(users))
+        users, negatives, groups = batch
+        seq, outs, last = self.last_outputs(users, groups)
         items = self.item_table()
-        inputs, targets = out[:, :-1], seq[:, 1:]
-        has_target = seq[:, :-1] != self.n_items  # left padding: a real input is followed by a real item
-        pos = (inputs * items[targets.clamp(max=self.n_items - 1)]).sum(-1, keepdim=True)  # [B, L-1, 1]
-        neg = inputs @ items[negatives].T  # [B, L-1, N]
-        neg = neg.masked_fill(negatives[None, None, :] == targets[..., None], float("-inf"))
-        logits = torch.cat([pos, neg], dim=-1) / self.temperature
-        nll = -F.log_softmax(logits, dim=-1)[..., 0]
-        n_rows = has_target.sum()
-        base = (nll * has_target).sum() / n_rows.clamp(min=1)
-        if weight_decay:  # L2 on the embeddings of the targets, a masked mean (no boolean indexing)
-            used = self.item_emb(targets).square().sum(-1)  # [B, L-1]
-            base = base + 0.5 * weight_decay * (used * has_target).sum() / n_rows.clamp(min=1)
-        user_vecs = out[:, -1] * self.logit_scale
-        return Step(base, users, user_vecs, items, has_target.sum(1))
+        negative_items = items[negatives]  # [N, D]
+        total = penalty = n_rows = 0
+        rows, start = [], 0
+        for (size, window), out in zip(groups.sizes, outs):  # out [b, w, D]
+            group_seq = seq[start : start + size, self.max_len - window :]
+            start += size
+            inputs, targets = out[:, :-1], group_seq[:, 1:]
+            has_target = group_seq[:, :-1] != self.n_items  # left padding: a real input is followed by a real item
+            pos = (inputs * items[targets.clamp(max=self.n_items - 1)]).sum(-1, keepdim=True)  # [b, w-1, 1]
+            neg = inputs @ negative_items.T  # [b, w-1, N]
+            neg = neg.masked_fill(negatives[None, None, :] == targets[..., None], float("-inf"))
+            logits = torch.cat([pos, neg], dim=-1) / self.temperature
+            nll = -F.log_softmax(logits, dim=-1)[..., 0]
+            total = total + (nll * has_target).sum()
+            n_rows = n_rows + has_target.sum()
+            if weight_decay:  # L2 on the embeddings of the targets, a masked sum (no boolean indexing)
+                penalty = penalty + (self.item_emb(targets).square().sum(-1) * has_target).sum()
+            rows.append(has_target.sum(1))
+        n_rows = n_rows.clamp(min=1)
+        base = total / n_rows + (0.5 * weight_decay * penalty / n_rows if weight_decay else 0.0)
+        return Step(base, users, last * self.logit_scale, items, torch.cat(rows)[groups.inverse])
