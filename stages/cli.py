@@ -8,7 +8,8 @@ import signal
 
 import typer
 
-from stages import cache_teacher, distill, evaluate, fetch, html_template, preprocess, report, train
+from stages import cache_teacher, distill, evaluate, fetch, html_template, preprocess, report, run_queue, share, train
+from stages.worker import apply_threads, lease_gpu
 
 app = typer.Typer(
     help="rcekd: knowledge distillation for top-N recommenders (RCE-KD and baselines) as DVC stages. "
@@ -23,6 +24,8 @@ app = typer.Typer(
 def _setup() -> None:
     signal.signal(signal.SIGTERM, _terminated)
     keep_freed_memory()
+    lease_gpu()  # RCEKD_GPUS: one GPU per concurrent stage (stages/worker.py), before anything touches CUDA
+    apply_threads()  # RCEKD_THREADS: torch's threads per concurrent stage
 
 
 def keep_freed_memory() -> None:
@@ -54,6 +57,8 @@ app.command("distill")(distill.main)
 app.command("evaluate")(evaluate.main)
 app.command("report")(report.main)
 app.command("html-template")(html_template.main)
+app.command("run-queue")(run_queue.main)
+app.command("push-runs")(share.main)
 
 if __name__ == "__main__":
     app()

@@ -98,7 +98,7 @@ def main(
     except (ParamsError, ValueError, FileNotFoundError) as err:
         fail(err)
     model, kwargs = build_model(spec, splits, seed=options["seed"])
-    log(f"distill {method}: student {student} {spec.model} on {splits.name} ({device}) {kd_params} {loop}")
+    log(f"distill {method}: student {student} {spec.model} on {splits.name} ({device}, {torch.get_num_threads()} threads) {kd_params} {loop}")
     try:
         result = fit(
             model, splits, kd=kd, kd_weight=weight, kd_reduction=reduction, device=device, history_path=history,

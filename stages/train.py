@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import typer
 
 from rcekd.checkpoint import save_checkpoint
@@ -50,7 +51,7 @@ def main(
     except (ParamsError, ValueError, FileNotFoundError) as err:
         fail(err)
     model, kwargs = build_model(spec, splits, seed=options["seed"])
-    log(f"{role} {backbone} {spec.model} on {splits.name} ({device}): {splits.n_users} users, {splits.n_items} items")
+    log(f"{role} {backbone} {spec.model} on {splits.name} ({device}, {torch.get_num_threads()} threads): {splits.n_users} users, {splits.n_items} items")
     try:
         result = fit(model, splits, device=device, history_path=history, on_epoch=recorder, **resume, **options)
     except FloatingPointError as err:

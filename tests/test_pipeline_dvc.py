@@ -7,18 +7,15 @@ distill stage and what follows it; `dvc metrics diff` shows the changed metric.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from scipy import stats
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.dvc_repo import ROOT, make_repo, ran_stages, run
+
 SMALL = {
     ("train", "max_epochs"): 4,
     ("train", "patience"): 3,
@@ -39,43 +36,9 @@ SMALL = {
 }
 
 
-def run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("pipeline")
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "rcekd", repo / "rcekd", ignore=shutil.ignore_patterns("__pycache__"))
-    raw = repo / "data/raw/citeulike-t"
-    raw.mkdir(parents=True)
-    lines = (ROOT / "data/raw/citeulike-t/users.dat").read_text().splitlines(keepends=True)
-    (raw / "users.dat").write_text("".join(lines[:500]))  # a real excerpt: the first 500 users
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for keys, value in SMALL.items():
-        node = params
-        for key in keys[:-1]:
-            node = node[key]
-        node[keys[-1]] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], repo)
-    run(["dvc", "init", "-q"], repo)
-    run(["dvc", "config", "core.analytics", "false"], repo)
-    run(["dvc", "config", "core.check_update", "false"], repo)
-    shutil.copytree(ROOT / ".dvc/plots", repo / ".dvc/plots")  # the figures' templates
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "small pipeline"], repo)
-    return repo
-
-
-def ran_stages(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
+    return make_repo(tmp_path_factory.mktemp("pipeline"), SMALL)
 
 
 BACKBONES = ("mf", "lightgcn", "hstu")

@@ -1,0 +1,52 @@
+"""`rcekd run-queue`: run every queued DVC experiment on N workers, until none is left queued.
+
+DVC's experiment queue does the work (`dvc exp run --run-all -j N`, which waits for the workers).
+This sets what each worker's stages read (stages/worker.py): torch's threads (RCEKD_THREADS, by
+default the cores shared out among the workers) and the GPUs the workers share (RCEKD_GPUS), and it
+works around a known weakness of the queue: workers may exit while experiments are still queued
+(treeverse/dvc#10562), so it starts them again as long as a round leaves fewer queued than before.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections import Counter
+
+import typer
+
+from stages.common import log
+
+
+def queue_states() -> Counter:
+    """How many queued tasks are in each state (Queued, Running, Success, Failed), from `dvc queue status`."""
+    lines = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True, check=True).stdout.splitlines()
+    states = ("Queued", "Running", "Success", "Failed")
+    return Counter(line.split()[-1] for line in lines if line.split() and line.split()[-1] in states)
+
+
+def main(
+    jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="Queue workers (experiments at once)."),
+    threads: int = typer.Option(0, min=0, help="torch threads per worker; 0 = the cores divided among the workers."),
+    gpus: str = typer.Option("", help="GPU ids the workers share, one per running stage (e.g. 0,1,2,3); empty = none."),
+) -> None:
+    """Run the queued experiments (`dvc exp run --queue ...`) with JOBS workers of THREADS threads each."""
+    threads = threads or max((os.cpu_count() or 1) // jobs, 1)
+    env = {**os.environ, "RCEKD_THREADS": str(threads)}
+    if gpus:
+        env["RCEKD_GPUS"] = gpus
+    states = queue_states()
+    failed_before = states["Failed"]
+    log(f"run-queue: {states['Queued']} queued experiments, {jobs} workers x {threads} threads" + (f", GPUs {gpus}" if gpus else ""))
+    while states["Queued"]:
+        queued = states["Queued"]
+        subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], env=env, check=True)
+        states = queue_states()
+        if states["Queued"]:
+            if states["Queued"] >= queued:
+                raise SystemExit(f"error: {states['Queued']} experiments stay queued; see `dvc queue status` and `dvc queue logs <name>`")
+            log(f"run-queue: the workers exited with {states['Queued']} experiments queued (treeverse/dvc#10562); starting them again")
+    failed = states["Failed"] - failed_before
+    log(f"run-queue: done; {states['Success']} succeeded, {failed} failed in this run (`dvc exp show` lists the results)")
+    if failed:
+        raise SystemExit(f"error: {failed} experiments failed; `dvc queue status`, then `dvc queue logs <name>`")

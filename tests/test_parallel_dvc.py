@@ -1,0 +1,84 @@
+"""The grid in parallel, end to end on the real pipeline (a CiteULike-t excerpt, 2 epochs):
+
+(a) on one machine, two workers of DVC's experiment queue run a 2-seed grid (one experiment per seed,
+    `rcekd run-queue`) after the shared upstream was built once; no experiment trains the teacher, and
+    the 2-seed report is then made from the run cache without training anything;
+(b) on "many machines", two clones sharing a local-directory DVC remote each run one seed and push
+    (`dvc push --run-cache`); a third clone pulls and makes the report without training anything.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from tests.dvc_repo import make_repo, ran_stages, run
+
+GRID = {
+    ("train", "max_epochs"): 2,
+    ("train", "patience"): 2,
+    ("train", "eval_chunk"): 256,
+    ("backbones", "mf", "teacher", "model", "dim"): 16,
+    ("backbones", "mf", "student", "model", "dim"): 8,
+    ("grid", "methods"): ["rcekd"],
+    ("cache", "topk"): 20,
+    ("kd", "rcekd", "k"): 10,
+    ("kd", "rcekd", "l"): 10,
+    ("device",): "cpu",
+}
+TRAINING = ("train_teacher@", "cache_teacher@", "train_student@", "distill@")
+SEEDS = (0, 1)
+
+
+def trained(stages: set[str]) -> set[str]:
+    return {stage for stage in stages if stage.startswith(TRAINING)}
+
+
+def report_seeds(repo: Path) -> dict[str, int]:
+    """Per method of the MF → MF block of the report, how many seeds it averages."""
+    results = json.loads((repo / "artifacts/reports/citeulike/results.json").read_text())["mf_to_mf"]["runs"]
+    return {method: entry["seeds"] for method, entry in results.items()}
+
+
+def test_two_queue_workers_run_the_grid_and_the_teacher_once(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", GRID, users=300)
+    upstream = ran_stages(run(["dvc", "repro", "cache_teacher"], repo))
+    assert upstream == {"preprocess", "train_teacher@mf", "cache_teacher@mf"}, upstream
+    for seed in SEEDS:
+        run(["dvc", "exp", "run", "--queue", "-S", f"grid.seeds=[{seed}]", "--name", f"seed-{seed}"], repo)
+    output = run(["rcekd", "run-queue", "--jobs", "2", "--threads", "1"], repo)
+    assert "2 queued experiments, 2 workers x 1 threads" in output and "0 failed" in output, output
+    status = run(["dvc", "queue", "status"], repo)
+    assert all(re.search(rf"seed-{seed}\s.*Success", status) for seed in SEEDS), status
+    for seed in SEEDS:
+        log = run(["dvc", "queue", "logs", f"seed-{seed}"], repo)
+        assert trained(ran_stages(log)) == {f"train_student@mf-{seed}", f"distill@mf-mf-rcekd-{seed}"}, log
+        assert "1 threads" in log  # each worker's stages run with the threads run-queue gave them
+    combined = run(["dvc", "exp", "run", "-S", f"grid.seeds=[{','.join(map(str, SEEDS))}]"], repo)
+    assert not trained(ran_stages(combined)) and "report" in ran_stages(combined), combined
+    assert report_seeds(repo) == {"student": 2, "rcekd": 2}
+
+
+def test_clones_share_a_remote_and_a_third_reports_without_training(tmp_path: Path) -> None:
+    origin = make_repo(tmp_path / "origin", GRID, users=300)
+    run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], origin)
+    run(["git", "commit", "-qam", "a shared remote"], origin)
+    clones = {name: tmp_path / name for name in ("first", "second", "third")}
+    for clone in clones.values():
+        run(["git", "clone", "-q", str(origin), str(clone)], tmp_path)
+
+    first = ran_stages(run(["dvc", "exp", "run", "-S", "grid.seeds=[0]"], clones["first"]))
+    assert {"train_teacher@mf", "train_student@mf-0", "distill@mf-mf-rcekd-0"} <= first
+    run(["rcekd", "push-runs"], clones["first"])
+
+    run(["dvc", "fetch", "--run-cache"], clones["second"])  # the run records (no dvc.lock yet: nothing to check out)
+    second = ran_stages(run(["dvc", "exp", "run", "--pull", "-S", "grid.seeds=[1]"], clones["second"]))  # their outputs
+    assert trained(second) == {"train_student@mf-1", "distill@mf-mf-rcekd-1"}, second  # the teacher came from the remote
+    run(["rcekd", "push-runs"], clones["second"])
+
+    run(["dvc", "fetch", "--run-cache"], clones["third"])
+    third = run(["dvc", "exp", "run", "--pull", "-S", "grid.seeds=[0,1]"], clones["third"])
+    assert not trained(ran_stages(third)) and "report" in ran_stages(third), third
+    assert report_seeds(clones["third"]) == {"student": 2, "rcekd": 2}
+    assert (clones["third"] / "artifacts/citeulike/mf_to_mf/rcekd/seed_1/checkpoint.pt").exists()
