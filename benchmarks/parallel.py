@@ -45,23 +45,30 @@ def cells(seeds: list[int]) -> list[tuple[str, str]]:
     return out
 
 
+def metrics_file(name: str) -> str:
+    """The metrics file of a cell's experiment, named after its target (evaluate_student-mf-3, evaluate-mf-mf-ce-3)."""
+    *_, method, seed = name.split("-")
+    run_name = f"student_mf/seed_{seed}" if name.startswith("evaluate_student") else f"mf_to_mf/{method}/seed_{seed}"
+    return f"artifacts/metrics/citeulike/{run_name}.json"
+
+
 def arm(clone: Path, jobs: int, threads: int, seeds: list[int], env: dict) -> tuple[float, dict]:
     for seeds_value, target in cells(seeds):
         run(["dvc", "exp", "run", "--queue", "-S", f"grid.seeds={seeds_value}", "--name", target.replace("@", "-"), target], clone, env)
     started = time.perf_counter()
     run(["rcekd", "run-queue", "--jobs", str(jobs), "--threads", str(threads)], clone, env)
     seconds = time.perf_counter() - started
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], clone, env))
     results = {}
-    for baseline in shown:
-        for experiment in baseline.get("experiments") or []:
-            for rev in experiment.get("revs", []):
-                data = rev.get("data") or {}
-                metrics = data.get("metrics") or {}
-                for path, record in metrics.items():
-                    test = (record.get("data") or {}).get("test")
-                    if test and "teacher" not in path:
-                        results[path.split("citeulike/")[-1].removesuffix(".json")] = round(test["ndcg@20"], 5)
+    try:  # each experiment's test NDCG@20 (a figure's run is still measured if DVC's JSON changes shape)
+        for baseline in json.loads(run(["dvc", "exp", "show", "--json"], clone, env)):
+            for experiment in baseline.get("experiments") or []:
+                cell = metrics_file(experiment["name"])
+                for rev in experiment.get("revs", []):
+                    record = ((rev.get("data") or {}).get("metrics") or {}).get(cell) or {}
+                    if (record.get("data") or {}).get("test"):
+                        results[cell.split("citeulike/")[-1].removesuffix(".json")] = round(record["data"]["test"]["ndcg@20"], 5)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        results = {"unreadable": repr(error)}
     return seconds, results
 
 
