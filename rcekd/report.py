@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from rcekd.io import read_json
 
@@ -94,6 +93,8 @@ def compare(target: Run, baselines: dict[str, Run], metric: str) -> dict:
     a, b = [ours[s] for s in seeds], [theirs[s] for s in seeds]
     p_value = None
     if len(seeds) >= 2:
+        from scipy import stats  # here, not at import: every `rcekd` command imports this module, only the report tests
+
         p = float(stats.ttest_rel(a, b).pvalue)
         p_value = p if math.isfinite(p) else None  # identical differences: no test
     mean_ours, mean_best = float(np.mean(list(ours.values()))), float(np.mean(list(theirs.values())))
