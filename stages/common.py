@@ -48,6 +48,7 @@ class ModelSpec:
     model: dict  # constructor kwargs without the dataset sizes
     weight_decay: float
     batch_size: int | None  # overrides train.batch_size (HSTU counts sequences, not pairs)
+    lr: float | None = None  # overrides train.lr for this role's runs (a student alone tuned apart)
 
 
 def model_spec(all_params: dict, backbone: str, role: str, params: Path) -> ModelSpec:
@@ -56,9 +57,9 @@ def model_spec(all_params: dict, backbone: str, role: str, params: Path) -> Mode
         raise ParamsError(f"backbone {backbone!r}; expected one of {sorted(BACKBONES)}")
     where = f"backbones.{backbone}.{role}"
     values = dict(section(all_params, where, params) or {})
-    unknown = sorted(set(values) - {"model", "weight_decay", "batch_size"})
+    unknown = sorted(set(values) - {"model", "weight_decay", "batch_size", "lr"})
     if unknown:
-        raise ParamsError(f"{params}: unknown parameter(s) {', '.join(f'{where}.{k}' for k in unknown)} (valid: model, weight_decay, batch_size)")
+        raise ParamsError(f"{params}: unknown parameter(s) {', '.join(f'{where}.{k}' for k in unknown)} (valid: model, weight_decay, batch_size, lr)")
     model = kwargs_for(BACKBONES[backbone].__init__, values.get("model"), f"{where}.model", skip=("n_users", "n_items"))
     decay = values.get("weight_decay", 0.0)
     if not isinstance(decay, (int, float)) or isinstance(decay, bool) or decay < 0:
@@ -66,7 +67,10 @@ def model_spec(all_params: dict, backbone: str, role: str, params: Path) -> Mode
     batch = values.get("batch_size")
     if batch is not None and (not isinstance(batch, int) or batch < 1):
         raise ParamsError(f"{params}: {where}.batch_size = {batch!r}; expected an integer >= 1")
-    return ModelSpec(backbone, role, model, float(decay), batch)
+    lr = values.get("lr")
+    if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0):
+        raise ParamsError(f"{params}: {where}.lr = {lr!r}; expected a number > 0 (or leave it out: train.lr)")
+    return ModelSpec(backbone, role, model, float(decay), batch, None if lr is None else float(lr))
 
 
 def build_model(spec: ModelSpec, splits: Splits, *, seed: int) -> tuple[torch.nn.Module, dict]:
@@ -125,6 +129,8 @@ def training_options(all_params: dict, spec: ModelSpec, params: Path, *, seed: i
     # train.batch_size, max_epochs, patience: integers >= 1, checked by load_params (stages.params.validate)
     if spec.batch_size is not None:
         train["batch_size"] = spec.batch_size
+    if spec.lr is not None:
+        train["lr"] = spec.lr
     if seed is None:
         seed = section(all_params, "seed", params)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:

@@ -25,6 +25,9 @@ from stages.common import (
 from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
 
 LOOP_KEYS = ("weight", "reduction")  # kd.<method> keys read by the loop, not by the method
+# kd.<method> keys for this method's student runs alone (tuned per method, as the authors' configs do):
+# its Adam learning rate and its L2 weight decay, instead of train.lr and backbones.<S>.student.weight_decay
+STUDENT_KEYS = {"lr": "lr", "student_weight_decay": "weight_decay"}
 
 
 def main(
@@ -48,6 +51,12 @@ def main(
         options = training_options(all_params, spec, params, seed=seed)
         kd_params = dict(section(all_params, f"kd.{method}", params) or {})
         loop = {key: kd_params.pop(key) for key in LOOP_KEYS if key in kd_params}
+        for key, option in STUDENT_KEYS.items():
+            if key in kd_params:
+                value = kd_params.pop(key)
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (key == "lr" and value == 0):
+                    raise ParamsError(f"{params}: kd.{method}.{key} = {value!r}; expected a number {'> 0' if key == 'lr' else '>= 0'}")
+                options[option] = float(value)
         registered = kd_params.pop("method", method)
         if registered not in METHODS:
             raise ParamsError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,11 +18,21 @@ class ParamsError(ValueError):
     """A parameter problem, reported before any work starts."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, with YAML 1.2's floats: `1e-05` is a number, as DVC (YAML 1.2) reads it
+    and writes it (`dvc exp run -S x=0.00001` writes `x: 1e-05`), not the text PyYAML would make of it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
 def load_params(path: Path) -> dict:
     if not path.exists():
         raise ParamsError(f"{path}: parameters file not found (run from the project root or pass --params)")
     try:
-        params = yaml.safe_load(path.read_text())
+        params = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(params, dict):
@@ -58,6 +69,7 @@ SCHEMA: dict[str, Any] = {
     "evaluate": {"exclude_valid_in_test": BOOL},
     "grid": {"teachers": NAMES, "students": NAMES, "methods": NAMES, "seeds": SEEDS},
     "report": {"target": NAME, "baselines": NAMES},
+    "tuning": {"seed": INT_GE0, "trials": INT_GE1, "spaces": dict},
     "diagnostics": {"users": INT_GE1, "rank_users": INT_GE0, "k": INT_GE1},
     "kd": dict,
 }

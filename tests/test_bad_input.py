@@ -83,6 +83,18 @@ def test_params_that_are_not_yaml(workspace, tmp_path):  # noqa: F811
     assert result.exit_code == 2 and "not valid YAML" in result.output and str(tmp_path / "params.yaml") in result.output
 
 
+def test_exponent_floats_as_dvc_writes_them_are_numbers(tmp_path):
+    """`dvc exp run -S backbones.mf.student.weight_decay=0.00001` writes `weight_decay: 1e-05`, which
+    YAML 1.1 loaders read as text; the stages read it as the number DVC meant."""
+    from stages.params import load_params
+
+    text = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("      weight_decay: 0.00001\n", "      weight_decay: 1e-05\n", 1))
+    assert "weight_decay: 1e-05" in path.read_text()
+    assert load_params(path)["backbones"]["mf"]["student"]["weight_decay"] == 1e-05
+
+
 def test_cache_of_another_teacher_is_refused(workspace, tmp_path):  # noqa: F811
     """--teacher given: the cache must have been written from that checkpoint; both hashes named."""
     other = tmp_path / "other.pt"

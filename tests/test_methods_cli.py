@@ -64,3 +64,33 @@ def test_a_section_without_a_method_is_refused(workspace: Path, tmp_path: Path) 
         "--params", str(tmp_path / "params.yaml"),
     ])
     assert result.exit_code == 2 and "kd.mystery names no method" in result.output
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_run_takes_its_own_learning_rate_and_weight_decay(workspace: Path, tmp_path: Path, monkeypatch) -> None:
+    """kd.<method>.lr / student_weight_decay set that method's student runs alone, and
+    backbones.<S>.student.lr the student alone's, over train.lr and backbones.<S>.student.weight_decay."""
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["kd"]["ce"].update(lr=0.0005, student_weight_decay=0.25)
+    params["backbones"]["mf"]["student"]["lr"] = 0.002
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    seen = {}
+
+    def fake_fit(*args, **kwargs):
+        seen.update(lr=kwargs["lr"], weight_decay=kwargs["weight_decay"])
+        raise _Stop
+
+    common = ["--data", str(workspace / "data"), "--out", str(tmp_path / "c.pt"), "--history", str(tmp_path / "h.csv"), "--params", str(tmp_path / "params.yaml")]
+    monkeypatch.setattr("stages.distill.fit", fake_fit)
+    result = CliRunner().invoke(app, ["distill", "--method", "ce", "--student", "mf", "--cache", str(workspace / "cache"), *common])
+    assert isinstance(result.exception, _Stop) and seen == {"lr": 0.0005, "weight_decay": 0.25}
+    monkeypatch.setattr("stages.train.fit", fake_fit)
+    result = CliRunner().invoke(app, ["train", "--role", "student", "--backbone", "mf", *common])
+    assert isinstance(result.exception, _Stop) and seen == {"lr": 0.002, "weight_decay": params["backbones"]["mf"]["student"]["weight_decay"]}
+    params["kd"]["ce"]["lr"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(app, ["distill", "--method", "ce", "--student", "mf", "--cache", str(workspace / "cache"), *common])
+    assert result.exit_code == 2 and "kd.ce.lr = 0" in result.output

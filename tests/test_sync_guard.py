@@ -196,7 +196,7 @@ TINY = {  # sizes that fit the tiny data, over each method's own parameters
     "unkd": {"groups": 2, "pairs_per_group": 2, "pool": 10},
     "tarec": {"assistant": {"dim": 4}, "triples": 3, "iterations": 5},
 }
-LOOP_KEYS = ("weight", "reduction", "method")
+LOOP_KEYS = ("weight", "reduction", "method", "lr", "student_weight_decay")  # read by the stage, not the method
 
 # every `kd` section of params.yaml (each method and each RCE-KD ablation, with its own reduction),
 # every registered method even without a section, and the paths a section alone does not take

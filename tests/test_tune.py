@@ -1,0 +1,48 @@
+"""`rcekd tune`: trials drawn from a declared space, run as queued DVC experiments up to the training
+stage (validation only), collected from each experiment's own history."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+from pathlib import Path
+
+from stages.tune import best_of, trials
+from tests.dvc_repo import make_repo, ran_stages, run
+from tests.test_parallel_dvc import GRID
+
+
+def test_trials_are_the_grid_or_a_seeded_draw_of_it() -> None:
+    space = {"a": [1, 2], "b": ["x", "y", "z"]}
+    assert trials(space, 8, 0) == [{"a": a, "b": b} for a in (1, 2) for b in ("x", "y", "z")]
+    drawn = trials(space, 4, 0)
+    assert len(drawn) == 4 and drawn == trials(space, 4, 0) and all(d in trials(space, 8, 0) for d in drawn)
+    assert any(trials(space, 4, seed) != drawn for seed in range(1, 6))  # the draw follows the seed
+
+
+def test_best_of_takes_the_first_epoch_reaching_the_best() -> None:
+    history = [{"epoch": "1", "valid_ndcg@20": "0.1"}, {"epoch": "2", "valid_ndcg@20": "0.3"},
+               {"epoch": "3", "valid_ndcg@20": "0.3"}, {"epoch": "4", "valid_ndcg@20": "0.2"}]
+    assert best_of(history) == (0.3, 2, 4)
+
+
+def test_tune_runs_validation_only_trials_and_ranks_them(tmp_path: Path) -> None:
+    space = {("tuning",): {"seed": 0, "trials": 2, "spaces": {"rcekd": {"kd.rcekd.beta": [1.0, 5.0]}}}}
+    repo = make_repo(tmp_path / "repo", {**GRID, **space}, users=300)
+    run(["dvc", "repro", "cache_teacher"], repo)
+    output = run(["rcekd", "tune", "--method", "rcekd", "--jobs", "2"], repo)
+    assert "2 trials of 2" in output and "-S 'kd.rcekd.beta=" in output, output
+    rows = list(csv.DictReader((repo / "artifacts/tuning/citeulike/mf_to_mf/rcekd.csv").read_text().splitlines()))
+    assert sorted(float(row["kd.rcekd.beta"]) for row in rows) == [1.0, 5.0]
+    assert float(rows[0]["valid_ndcg@20"]) >= float(rows[1]["valid_ndcg@20"])  # best first
+    for row in rows:
+        log = run(["dvc", "queue", "logs", row["trial"]], repo)
+        assert ran_stages(log) == {"distill@mf-mf-rcekd-0"}, log  # no evaluate stage: test never computed
+        history = subprocess.run(["git", "show", f"{row['experiment']}:artifacts/citeulike/mf_to_mf/rcekd/seed_0/history.csv"],
+                                 cwd=repo, capture_output=True, text=True, check=True).stdout
+        best = max(float(r["valid_ndcg@20"]) for r in csv.DictReader(io.StringIO(history)))
+        assert float(row["valid_ndcg@20"]) == best and int(row["epochs"]) == 2
+        params = json.loads(run(["dvc", "exp", "show", "--json"], repo))
+        assert row["experiment"] in json.dumps(params)
