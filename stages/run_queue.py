@@ -40,7 +40,9 @@ def main(
     log(f"run-queue: {states['Queued']} queued experiments, {jobs} workers x {threads} threads" + (f", GPUs {gpus}" if gpus else ""))
     while states["Queued"]:
         queued = states["Queued"]
-        subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], env=env, check=True)
+        done = subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"error: `dvc exp run --run-all --jobs {jobs}` failed (exit {done.returncode}); see `dvc queue status`")
         states = queue_states()
         if states["Queued"]:
             if states["Queued"] >= queued:

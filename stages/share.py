@@ -21,7 +21,9 @@ from stages.common import log
 
 def main(remote: str = typer.Option("", "--remote", "-r", help="The DVC remote (default: the repository's default remote).")) -> None:
     """Push the run cache and every output its records name to a DVC remote."""
-    subprocess.run(["dvc", "push", "--run-cache", *(["--remote", remote] if remote else [])], check=True)
+    command = ["dvc", "push", "--run-cache", *(["--remote", remote] if remote else [])]
+    if subprocess.run(command).returncode != 0:
+        raise SystemExit(f"error: `{' '.join(command)}` failed (above); is a DVC remote configured (`dvc remote add -d ...`)?")
     from dvc.repo import Repo
 
     with Repo(".") as repo:

@@ -17,6 +17,7 @@ import itertools
 import json
 import random
 import subprocess
+import time
 from pathlib import Path
 
 import typer
@@ -81,15 +82,18 @@ def main(
     chosen = trials(space, budget, seed)
     out = out or Path(f"artifacts/tuning/{dataset}/{teacher}_to_{student}/{method}.csv")
     log(f"tune {method}: {len(chosen)} trials of {len(list(itertools.product(*space.values())))} ({target}, validation only)")
-    names = []
+    names, stamp = [], time.strftime("%m%d-%H%M%S")  # experiment names are unique per search
     for index, values in enumerate(chosen):
-        name = f"tune-{method}-{index}"
+        name = f"tune-{method}-{stamp}-{index}"
         grid = [f"grid.teachers=[{teacher}]", f"grid.students=[{student}]", f"grid.seeds=[{seed}]"]
         grid += [] if method == "student" else [f"grid.methods=[{method}]"]
         flags = [arg for setting in grid + [f"{k}={json.dumps(v)}" for k, v in values.items()] for arg in ("-S", setting)]
-        subprocess.run(["dvc", "exp", "run", "--queue", "--name", name, *flags, target], check=True, capture_output=True)
+        queued = subprocess.run(["dvc", "exp", "run", "--queue", "--name", name, *flags, target], capture_output=True, text=True)
+        if queued.returncode != 0:
+            raise SystemExit(f"error: queuing trial {name} ({values}) failed:\n{queued.stderr.strip()}")
         names.append(name)
-    subprocess.run(["rcekd", "run-queue", "--jobs", str(jobs)], check=True)
+    if subprocess.run(["rcekd", "run-queue", "--jobs", str(jobs)]).returncode != 0:
+        raise SystemExit(f"error: the trials of {method} did not all finish (above); their experiments: dvc exp show")
     revs = experiment_revs()
     rows = []
     for name, values in zip(names, chosen):
