@@ -107,6 +107,6 @@ def main(
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    flags = " ".join(f"-S '{key}={json.dumps(value)}'" for key, value in chosen[names.index(rows[0]["trial"])].items())
+    select = " ".join(f"-S '{key}={json.dumps(value)}'" for key, value in chosen[names.index(rows[0]["trial"])].items())
     log(f"tune {method}: best {METRIC} {rows[0][METRIC]:.5f} at epoch {rows[0]['best_epoch']} ({rows[0]['trial']}); trials in {out}")
-    log(f"tune {method}: select it with {flags}")
+    log(f"tune {method}: select it with {select}")

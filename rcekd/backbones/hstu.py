@@ -181,15 +181,16 @@ class HSTU(Backbone):
             shape = (len(seq), length, self.item_emb.embedding_dim)
             keep = 1 - self.dropout
             noise = [torch.empty(shape, dtype=self.item_emb.weight.dtype, device=seq.device).bernoulli_(keep).div_(keep) for _ in noise]
-        states, start = [], 0
+        inputs, start = [], 0  # per group: (x, divisor, distance, its dropout multipliers per layer)
         for rows, window in groups.sizes:
             picked = slice(start, start + rows) if groups.order is None else groups.order[start : start + rows]
             group_noise = [None if n is None else n[picked, length - window :] for n in noise]
-            states.append(self._embed(seq[start : start + rows, seq.shape[1] - window :], group_noise))
+            inputs.append(self._embed(seq[start : start + rows, seq.shape[1] - window :], group_noise))
             start += rows
+        xs = [x for x, *_ in inputs]
         for layer, block in enumerate(self.blocks, start=1):
-            states = [(block(x, divisor, distance, n[layer]), divisor, distance, n) for x, divisor, distance, n in states]
-        return [F.normalize(x, dim=-1) for x, *_ in states]
+            xs = [block(x, divisor, distance, n[layer]) for x, (_, divisor, distance, n) in zip(xs, inputs)]
+        return [F.normalize(x, dim=-1) for x in xs]
 
     def _embed(self, seq: torch.Tensor, noise: list[torch.Tensor | None]) -> tuple:
         """A group's inputs to the blocks: (x [B, L, D], divisor [B, L, L], distance [L, L], noise)."""
