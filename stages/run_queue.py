@@ -9,8 +9,10 @@ works around a known weakness of the queue: workers may exit while experiments a
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import time
 from collections import Counter
 
 import typer
@@ -23,6 +25,34 @@ def queue_states() -> Counter:
     lines = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True, check=True).stdout.splitlines()
     states = ("Queued", "Running", "Success", "Failed")
     return Counter(line.split()[-1] for line in lines if line.split() and line.split()[-1] in states)
+
+
+def set_flags(settings: dict) -> list[str]:
+    """`-S ++key=value` flags for DVC (each value as JSON, which Hydra's grammar reads as YAML); `++`
+    sets a key that params.yaml does not have yet, such as kd.<method>.student_weight_decay."""
+    return [arg for key, value in settings.items() for arg in ("-S", f"++{key}={json.dumps(value)}")]
+
+
+def queue(name: str, settings: dict, *targets: str) -> None:
+    """Queue one experiment named `name` of params.yaml with `settings` set (the whole pipeline, or `targets`)."""
+    done = subprocess.run(["dvc", "exp", "run", "--queue", "--name", name, *set_flags(settings), *targets], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: queuing experiment {name} ({settings}) failed:\n{done.stderr.strip()}")
+
+
+def experiment_revs() -> dict[str, str]:
+    """name → commit of every local experiment, whatever its baseline (a long search outlives new commits)."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        listed = repo.experiments.ls(all_commits=True)
+    return {name: rev for experiments in listed.values() for name, rev in experiments if rev}
+
+
+def run_all(jobs: int, what: str) -> None:
+    """`rcekd run-queue --jobs N` as a child process; exits with an error naming `what` unless all succeeded."""
+    if subprocess.run(["rcekd", "run-queue", "--jobs", str(jobs)]).returncode != 0:
+        raise SystemExit(f"error: the experiments of {what} did not all finish (above); `dvc queue status` lists them")
 
 
 def main(
@@ -48,6 +78,9 @@ def main(
             if states["Queued"] >= queued:
                 raise SystemExit(f"error: {states['Queued']} experiments stay queued; see `dvc queue status` and `dvc queue logs <name>`")
             log(f"run-queue: the workers exited with {states['Queued']} experiments queued (treeverse/dvc#10562); starting them again")
+    while states["Running"]:  # a worker left idle by an earlier round may have taken a task queued since
+        time.sleep(5)
+        states = queue_states()
     failed = states["Failed"] - failed_before
     log(f"run-queue: done; {states['Success']} succeeded, {failed} failed in this run (`dvc exp show` lists the results)")
     if failed:

@@ -24,6 +24,7 @@ import typer
 
 from rcekd.io import atomic_path
 from stages.common import log
+from stages.run_queue import experiment_revs, queue, run_all
 from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
 
 METRIC = "valid_ndcg@20"
@@ -52,48 +53,41 @@ def run_name(method: str, teacher: str, student: str, seed: int) -> tuple[str, s
     return f"distill@{teacher}-{student}-{method}-{seed}", f"{teacher}_to_{student}/{method}/seed_{seed}"
 
 
-def experiment_revs() -> dict[str, str]:
-    """name → commit of every experiment of the workspace's baseline (`dvc exp show --json`)."""
-    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout)
-    return {exp["name"]: exp["revs"][0]["rev"] for base in shown for exp in base.get("experiments") or [] if exp.get("name")}
-
-
 def main(
     method: str = typer.Option(..., help="A method of `kd` (e.g. rcekd), or `student` for the student alone."),
     teacher: str = typer.Option("mf", help="The teacher backbone."),
     student: str = typer.Option("mf", help="The student backbone."),
+    space_name: str = typer.Option(None, "--space", help="The space of tuning.spaces to search (default: the method's own)."),
     jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="Queue workers (rcekd run-queue)."),
+    budget: int = typer.Option(None, "--trials", min=1, help="Trials to run (default tuning.trials; fewer where one costs much more)."),
     out: Path = typer.Option(None, help="The trials' CSV (default artifacts/tuning/<dataset>/<T>_to_<S>/<method>.csv)."),
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Queue and run a method's trials (params: tuning), then write them to a CSV, best first."""
     try:
         all_params = load_params(params)
-        space = section(all_params, f"tuning.spaces.{method}", params)
-        budget, seed = section(all_params, "tuning.trials", params), section(all_params, "tuning.seed", params)
+        space_name = space_name or method
+        space = section(all_params, f"tuning.spaces.{space_name}", params)
+        budget = budget or section(all_params, "tuning.trials", params)
+        seed = section(all_params, "tuning.seed", params)
         dataset = section(all_params, "dataset", params)
         if not isinstance(space, dict) or not space or not all(isinstance(v, list) and v for v in space.values()):
-            raise ParamsError(f"{params}: tuning.spaces.{method} = {space!r}; expected parameter: [values, ...] pairs")
+            raise ParamsError(f"{params}: tuning.spaces.{space_name} = {space!r}; expected parameter: [values, ...] pairs")
         if method != "student" and method not in section(all_params, "kd", params):
-            raise ParamsError(f"{params}: tuning.spaces.{method}: no section kd.{method} to tune")
+            raise ParamsError(f"{params}: tuning.spaces.{space_name}: no section kd.{method} to tune")
     except ParamsError as err:
         fail(err)
     target, run_dir = run_name(method, teacher, student, seed)
     chosen = trials(space, budget, seed)
-    out = out or Path(f"artifacts/tuning/{dataset}/{teacher}_to_{student}/{method}.csv")
+    out = out or Path(f"artifacts/tuning/{dataset}/{teacher}_to_{student}/{space_name}.csv")
     log(f"tune {method}: {len(chosen)} trials of {len(list(itertools.product(*space.values())))} ({target}, validation only)")
     names, stamp = [], time.strftime("%m%d-%H%M%S")  # experiment names are unique per search
+    grid = {"grid.teachers": [teacher], "grid.students": [student], "grid.seeds": [seed]}
+    grid |= {} if method == "student" else {"grid.methods": [method]}
     for index, values in enumerate(chosen):
-        name = f"tune-{method}-{stamp}-{index}"
-        grid = [f"grid.teachers=[{teacher}]", f"grid.students=[{student}]", f"grid.seeds=[{seed}]"]
-        grid += [] if method == "student" else [f"grid.methods=[{method}]"]
-        flags = [arg for setting in grid + [f"{k}={json.dumps(v)}" for k, v in values.items()] for arg in ("-S", setting)]
-        queued = subprocess.run(["dvc", "exp", "run", "--queue", "--name", name, *flags, target], capture_output=True, text=True)
-        if queued.returncode != 0:
-            raise SystemExit(f"error: queuing trial {name} ({values}) failed:\n{queued.stderr.strip()}")
-        names.append(name)
-    if subprocess.run(["rcekd", "run-queue", "--jobs", str(jobs)]).returncode != 0:
-        raise SystemExit(f"error: the trials of {method} did not all finish (above); their experiments: dvc exp show")
+        names.append(f"tune-{space_name}-{stamp}-{index}")
+        queue(names[-1], grid | values, target)
+    run_all(jobs, f"the search of {method}")
     revs = experiment_revs()
     rows = []
     for name, values in zip(names, chosen):
@@ -107,6 +101,6 @@ def main(
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    select = " ".join(f"-S '{key}={json.dumps(value)}'" for key, value in chosen[names.index(rows[0]["trial"])].items())
+    select = " ".join(f"-S '++{key}={json.dumps(value)}'" for key, value in chosen[names.index(rows[0]["trial"])].items())
     log(f"tune {method}: best {METRIC} {rows[0][METRIC]:.5f} at epoch {rows[0]['best_epoch']} ({rows[0]['trial']}); trials in {out}")
     log(f"tune {method}: select it with {select}")

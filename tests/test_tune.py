@@ -29,13 +29,13 @@ def test_best_of_takes_the_first_epoch_reaching_the_best() -> None:
 
 
 def test_tune_runs_validation_only_trials_and_ranks_them(tmp_path: Path) -> None:
-    space = {("tuning",): {"seed": 0, "trials": 2, "spaces": {"rcekd": {"kd.rcekd.beta": [1.0, 5.0]}}}}
+    space = {("tuning",): {"seed": 0, "trials": 2, "spaces": {"rcekd": {"kd.rcekd.student_weight_decay": [0.001, 0.00001]}}}}
     repo = make_repo(tmp_path / "repo", {**GRID, **space}, users=300)
     run(["dvc", "repro", "cache_teacher"], repo)
     output = run(["rcekd", "tune", "--method", "rcekd", "--jobs", "2"], repo)
-    assert "2 trials of 2" in output and "-S 'kd.rcekd.beta=" in output, output
+    assert "2 trials of 2" in output and "-S '++kd.rcekd.student_weight_decay=" in output, output
     rows = list(csv.DictReader((repo / "artifacts/tuning/citeulike/mf_to_mf/rcekd.csv").read_text().splitlines()))
-    assert sorted(float(row["kd.rcekd.beta"]) for row in rows) == [1.0, 5.0]
+    assert sorted(float(row["kd.rcekd.student_weight_decay"]) for row in rows) == [0.00001, 0.001]  # a key params.yaml lacks
     assert float(rows[0]["valid_ndcg@20"]) >= float(rows[1]["valid_ndcg@20"])  # best first
     for row in rows:
         log = run(["dvc", "queue", "logs", row["trial"]], repo)
