@@ -1,12 +1,13 @@
 # Two commands for a newcomer (see README.md):
 #   make run    set up .venv, then `dvc repro` the default pipeline (CiteULike-t, MF → MF)
 #   make test   set up .venv, then run the test suite (unit tests + a small end-to-end DVC run)
+#   make record the protocols of record (params `records`: hours on a CPU), copied to results/, and README's tables
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test plots
+.PHONY: setup run test plots record
 setup: $(VENV)/.installed
 
 # The CPU build of torch first (a local wheel on the project's machines); the CPU index elsewhere.
@@ -22,6 +23,15 @@ run: setup
 
 test: setup
 	python -m pytest -q
+
+# The protocols of record (README "Results of record"): the default pipeline first, so that the
+# records share its upstream stages; then each record's seeds on the queue; then README's tables.
+JOBS ?= 2
+record: setup
+	dvc repro
+	rcekd record --name citeulike_mf --jobs $(JOBS)
+	rcekd record --name citeulike_mf_ablations --jobs $(JOBS)
+	rcekd readme
 
 # The figures as one offline HTML page (dvc_plots/index.html): Vega inlined, no CDN needed.
 plots: setup

@@ -8,7 +8,7 @@ import signal
 
 import typer
 
-from stages import cache_teacher, distill, evaluate, fetch, html_template, preprocess, report, run_queue, share, train, tune
+from stages import cache_teacher, distill, evaluate, fetch, html_template, preprocess, readme, record, report, run_queue, share, train, tune
 from stages.worker import apply_threads, lease_gpu
 
 app = typer.Typer(
@@ -60,6 +60,8 @@ app.command("html-template")(html_template.main)
 app.command("run-queue")(run_queue.main)
 app.command("push-runs")(share.main)
 app.command("tune")(tune.main)
+app.command("record")(record.main)
+app.command("readme")(readme.main)
 
 if __name__ == "__main__":
     app()

@@ -70,6 +70,7 @@ SCHEMA: dict[str, Any] = {
     "grid": {"teachers": NAMES, "students": NAMES, "methods": NAMES, "seeds": SEEDS},
     "report": {"target": NAME, "baselines": NAMES},
     "tuning": {"seed": INT_GE0, "trials": INT_GE1, "spaces": dict},
+    "records": dict,
     "diagnostics": {"users": INT_GE1, "rank_users": INT_GE0, "k": INT_GE1},
     "kd": dict,
 }

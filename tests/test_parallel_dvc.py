@@ -1,8 +1,9 @@
 """The grid in parallel, end to end on the real pipeline (a CiteULike-t excerpt, 2 epochs):
 
-(a) on one machine, two workers of DVC's experiment queue run a 2-seed grid (one experiment per seed,
-    `rcekd run-queue`) after the shared upstream was built once; no experiment trains the teacher, and
-    the 2-seed report is then made from the run cache without training anything;
+(a) on one machine, `rcekd record` runs a 2-seed record on two workers of DVC's experiment queue (one
+    experiment per seed, `rcekd run-queue`) after the shared upstream was built once; no experiment
+    trains the teacher, the 2-seed report is then made from the run cache without training anything,
+    and the record's folder holds that experiment's files;
 (b) on "many machines", two clones sharing a local-directory DVC remote each run one seed and push
     (`dvc push --run-cache`); a third clone pulls and makes the report without training anything.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+
+import yaml
 
 from tests.dvc_repo import make_repo, ran_stages, run
 
@@ -41,23 +44,40 @@ def report_seeds(repo: Path) -> dict[str, int]:
     return {method: entry["seeds"] for method, entry in results.items()}
 
 
-def test_two_queue_workers_run_the_grid_and_the_teacher_once(tmp_path: Path) -> None:
-    repo = make_repo(tmp_path / "repo", GRID, users=300)
+def test_a_record_runs_its_seeds_on_two_queue_workers_and_the_teacher_once(tmp_path: Path) -> None:
+    record = {("records",): {"two": {"set": {"grid.seeds": list(SEEDS)}}}}
+    repo = make_repo(tmp_path / "repo", {**GRID, **record}, users=300)
     upstream = ran_stages(run(["dvc", "repro", "cache_teacher"], repo))
     assert upstream == {"preprocess", "train_teacher@mf", "cache_teacher@mf"}, upstream
+    output = run(["rcekd", "record", "--name", "two", "--jobs", "2"], repo)
+    assert "2 queued experiments, 2 workers" in output and "0 failed" in output, output
+    names = re.findall(r"^\S+\s+(record-two-\S+)\s+.*Success$", run(["dvc", "queue", "status"], repo), re.M)
+    assert len(names) == 3, names  # one experiment per seed, then the report of both
+    final = min(names, key=len)
     for seed in SEEDS:
-        run(["dvc", "exp", "run", "--queue", "-S", f"grid.seeds=[{seed}]", "--name", f"seed-{seed}"], repo)
-    output = run(["rcekd", "run-queue", "--jobs", "2", "--threads", "1"], repo)
-    assert "2 queued experiments, 2 workers x 1 threads" in output and "0 failed" in output, output
-    status = run(["dvc", "queue", "status"], repo)
-    assert all(re.search(rf"seed-{seed}\s.*Success", status) for seed in SEEDS), status
-    for seed in SEEDS:
-        log = run(["dvc", "queue", "logs", f"seed-{seed}"], repo)
+        log = run(["dvc", "queue", "logs", f"{final}-seed{seed}"], repo)
         assert trained(ran_stages(log)) == {f"train_student@mf-{seed}", f"distill@mf-mf-rcekd-{seed}"}, log
-        assert "1 threads" in log  # each worker's stages run with the threads run-queue gave them
-    combined = run(["dvc", "exp", "run", "-S", f"grid.seeds=[{','.join(map(str, SEEDS))}]"], repo)
+        assert re.search(r"\d+ threads", log)  # each worker's stages run with the threads run-queue gave them
+    combined = run(["dvc", "queue", "logs", final], repo)
     assert not trained(ran_stages(combined)) and "report" in ran_stages(combined), combined
-    assert report_seeds(repo) == {"student": 2, "rcekd": 2}
+
+    folder = repo / "results/two"  # the record: the final experiment's files, checkpoints and caches left out
+    assert report_seeds(folder) == {"student": 2, "rcekd": 2}
+    meta = json.loads((folder / "record.json").read_text())
+    assert meta["experiment"] == final and meta["set"] == {"grid.seeds": [0, 1]}
+    assert yaml.safe_load((folder / "params.yaml").read_text())["grid"]["seeds"] == [0, 1]  # the params it ran with
+    for seed in SEEDS:
+        assert (folder / f"artifacts/metrics/citeulike/mf_to_mf/rcekd/seed_{seed}.json").exists()
+        assert (folder / f"artifacts/citeulike/mf_to_mf/rcekd/seed_{seed}/diagnostics/s_u.csv").exists()
+        assert (folder / f"artifacts/citeulike/student_mf/seed_{seed}/history.csv").exists()
+    assert not list(folder.rglob("*.pt")) and not (folder / "artifacts/citeulike/teacher_mf/cache").exists()
+    lock = (folder / "dvc.lock").read_text()
+    assert "distill@mf-mf-rcekd-1" in lock and "report" in lock  # the lock of the experiment the files come from
+    # The committed report is what the report code makes of the committed metrics.
+    run(["rcekd", "report", "--params", str(folder / "params.yaml"), "--metrics", str(folder / "artifacts/metrics/citeulike"),
+         "--runs", str(folder / "artifacts/citeulike"), "--table", str(tmp_path / "again.md"), "--json", str(tmp_path / "again.json"),
+         "--figures", str(tmp_path / "figures")], repo)
+    assert (tmp_path / "again.json").read_text() == (folder / "artifacts/reports/citeulike/results.json").read_text()
 
 
 def test_clones_share_a_remote_and_a_third_reports_without_training(tmp_path: Path) -> None:
