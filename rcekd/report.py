@@ -124,6 +124,7 @@ def summarize(runs: dict[str, Run], settings: list[tuple[str, str]], *, target: 
         present = {name: candidates[name] for name in baselines if name in candidates and name != target}
         if target in members and present:
             block["vs_best_baseline"] = {"target": target, **{m: compare(members[target], present, m) for m in METRICS}}
+            block["vs_each_baseline"] = {name: {m: compare(members[target], {name: run}, m) for m in METRICS} for name, run in present.items()}
         report[setting] = block
     return report
 
@@ -164,6 +165,14 @@ def markdown(report: dict, *, title: str, seeds: list[int]) -> str:
             lines.append("| p-value | " + " | ".join(_p(versus[m]["p_value"]) for m in METRICS)
                          + f" | {versus[METRICS[0]]['paired_seeds']} |" + " |" * len(costs))
         lines.append("")
+        each = block.get("vs_each_baseline")
+        if each:
+            lines += [f"{versus['target']} against each baseline (improvement of the means, paired t-test p-value):", "",
+                      "| baseline | " + " | ".join(f"{m} improv. | p" for m in METRICS) + " | seeds |",
+                      "|---|" + "---:|---:|" * len(METRICS) + "---:|"]
+            lines += [f"| {name} | " + " | ".join(f"{_percent(c[m]['improvement'])} | {_p(c[m]['p_value'])}" for m in METRICS)
+                      + f" | {c[METRICS[0]]['paired_seeds']} |" for name, c in each.items()]
+            lines.append("")
     lines.append(
         "Improv. = relative change of the target's mean over the best baseline's mean (params `report`); "
         "p-value: paired t-test over seeds (scipy.stats.ttest_rel, two-sided; needs 2 seeds or more). "

@@ -57,10 +57,16 @@ def test_summary_against_numpy_and_scipy(grid):
         assert versus["improvement"] == pytest.approx(series["mf_to_mf/rcekd"].mean() / series[best].mean() - 1)
         assert versus["p_value"] == pytest.approx(stats.ttest_rel(series["mf_to_mf/rcekd"], series[best]).pvalue)
         assert versus["paired_seeds"] == 3
+        assert set(block["vs_each_baseline"]) == {"student", "ce", "rrd"}  # not the ablation, not the target
+        for name in ("student_mf", "mf_to_mf/ce", "mf_to_mf/rrd"):
+            each = block["vs_each_baseline"][name.split("/")[-1].replace("student_mf", "student")][metric]
+            assert each["p_value"] == pytest.approx(stats.ttest_rel(series["mf_to_mf/rcekd"], series[name]).pvalue)
+            assert each["improvement"] == pytest.approx(series["mf_to_mf/rcekd"].mean() / series[name].mean() - 1)
     assert block["runs"]["rcekd"]["train_seconds"] == pytest.approx(np.mean([1.0 + s for s in SEEDS]))
     assert report["teachers"]["teacher_mf"]["ndcg@20"]["std"] is None  # one run
     text = markdown(report, title="t", seeds=SEEDS)
     assert "| rcekd | " in text and "| best baseline | rrd | rrd | rrd | rrd |" in text and "| Improv. of rcekd |" in text
+    assert "rcekd against each baseline" in text and text.count("\n| ce | ") == 2  # its row, and its comparison
     assert text.count(" ± ") == 5 * len(METRICS) + 1  # every run of the setting but the teacher, and the caption
     json.dumps(report)  # a valid DVC metrics file
 
