@@ -1,0 +1,155 @@
+"""`rcekd readme`: README's result tables, generated from the committed files they report.
+
+A generated block sits between `<!-- readme: KIND PATH -->` and `<!-- readme: end -->`; PATH is relative
+to the repository root:
+- `run FOLDER`: a pipeline's results (FOLDER holds params.yaml and artifacts/, as the repository root
+  does for `make run` and results/<name> for a record): per setting, every run's test Recall@20 and
+  NDCG@20 (mean ± std over seeds), its change against the student alone, the paper's Table 1 values
+  where they exist (results/paper/table1.csv), best epoch and epochs run; then the target against every
+  baseline with its paired t-test.
+- `datasets FOLDER`: preprocessing's statistics, one row per <dataset>.json.
+- `tuning FOLDER`: the searches' CSVs (rcekd tune), one row per method: trials, the chosen values, best
+  validation NDCG@20.
+`rcekd readme --check` (a test runs it) fails when README differs from what the files give.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import re
+from pathlib import Path
+from typing import Callable
+
+import typer
+import yaml
+
+from rcekd.io import read_json
+from stages.tune import METRIC, best_of
+
+BLOCK = re.compile(r"(<!-- readme: (\w+) (\S+) -->\n)(.*?)(<!-- readme: end -->)", re.S)
+PAPER = Path("results/paper/table1.csv")  # the paper's Table 1: setting, run, recall@20, ndcg@20
+NOT_PARAMS = {"trial", METRIC, "best_epoch", "epochs", "experiment"}
+
+
+def _cell(value: dict) -> str:
+    return f"{value['mean']:.4f}" + (f" ± {value['std']:.4f}" if value["std"] is not None else "")
+
+
+def _change(ours: float, base: float) -> str:
+    return f"{100 * (ours / base - 1):+.1f}%"
+
+
+def _p(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2g}"
+
+
+def _epochs(folder: Path, dataset: str, name: str, seeds: list[int | None]) -> str:
+    """Best epoch / epochs run, from the runs' histories (the mean over seeds when there are several)."""
+    found = [best_of(list(csv.DictReader((folder / "artifacts" / dataset / name / (f"seed_{s}" if s is not None else "") / "history.csv").open())))
+             for s in seeds]
+    best, run = sum(f[1] for f in found) / len(found), sum(f[2] for f in found) / len(found)
+    return f"{best:.0f} / {run:.0f}"
+
+
+def run_block(folder: Path) -> str:
+    """The tables of one pipeline's report (results.json), as described in the module's docstring."""
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    dataset, seeds = params["dataset"], params["grid"]["seeds"]
+    report = read_json(folder / "artifacts/reports" / dataset / "results.json")
+    paper = {(row["setting"], row["run"]): row for row in csv.DictReader(PAPER.open())} if PAPER.exists() else {}
+    lines = [f"From `{folder / 'artifacts/reports' / dataset / 'results.json'}` ({len(seeds)} seed(s) {seeds}; test split, full ranking):", ""]
+    for setting, block in report.items():
+        if setting == "teachers":
+            continue
+        teacher, student = setting.split("_to_")
+        runs = {f"teacher ({teacher})": (report["teachers"][f"teacher_{teacher}"], f"teacher_{teacher}", [None])}
+        runs |= {name: (summary, f"student_{student}" if name == "student" else f"{setting}/{name}", seeds)
+                 for name, summary in block["runs"].items()}
+        alone = block["runs"].get("student")
+        lines += [f"**{teacher} → {student}**", "",
+                  "| run | test Recall@20 | test NDCG@20 | NDCG@20 vs student | paper R@20 / N@20 | best epoch / epochs |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for label, (summary, name, run_seeds) in runs.items():
+            key = "teacher" if label.startswith("teacher") else label
+            theirs = paper.get((setting, key))
+            vs = _change(summary["ndcg@20"]["mean"], alone["ndcg@20"]["mean"]) if alone and key != "student" else ""
+            lines.append(f"| {label} | {_cell(summary['recall@20'])} | {_cell(summary['ndcg@20'])} | {vs} | "
+                         f"{theirs['recall@20'] + ' / ' + theirs['ndcg@20'] if theirs else ''} | {_epochs(folder, dataset, name, run_seeds)} |")
+        lines.append("")
+        each, best = block.get("vs_each_baseline"), block.get("vs_best_baseline")
+        if each:
+            target = best["target"]
+            lines += [f"`{target}` against each baseline (change of the means; p: paired t-test over seeds, two-sided):", "",
+                      "| baseline | Recall@20 | p | NDCG@20 | p |", "|---|---:|---:|---:|---:|"]
+            lines += [f"| {name} | {_percent(c['recall@20'])} | {_p(c['recall@20']['p_value'])} | {_percent(c['ndcg@20'])} | {_p(c['ndcg@20']['p_value'])} |"
+                      for name, c in each.items()]
+            n = best["ndcg@20"]
+            verdict = "significant at p < 0.05" if n["p_value"] is not None and n["p_value"] < 0.05 else "not significant at p < 0.05"
+            lines += ["", f"The best baseline by NDCG@20 is `{n['baseline']}`: `{target}` changes its NDCG@20 by "
+                          f"{_percent(n)} (p = {_p(n['p_value'])}, {n['paired_seeds']} paired seeds, {verdict}).", ""]
+    return "\n".join(lines)
+
+
+def _percent(compared: dict) -> str:
+    return "" if compared["improvement"] is None else f"{100 * compared['improvement']:+.1f}%"
+
+
+def tuning_block(folder: Path) -> str:
+    """One row per search CSV of `folder`: the chosen trial (best validation NDCG@20) and the budget spent."""
+    lines = [f"From the searches' files in `{folder}/` (validation only; the chosen values are in params.yaml):", "",
+             "| method | trials | chosen values | best valid NDCG@20 | other trials' range | best epoch / epochs | file |",
+             "|---|---:|---|---:|---:|---:|---|"]
+    files = sorted(folder.glob("*.csv"), key=lambda path: (not path.stem.startswith("student"), path.stem))
+    for path in files:
+        rows = list(csv.DictReader(path.open()))
+        chosen = rows[0]
+        values = ", ".join(f"{key.split('.')[-1]} {chosen[key]}" for key in chosen if key not in NOT_PARAMS)
+        others = [float(row[METRIC]) for row in rows[1:]]
+        spread = f"{min(others):.4f}–{max(others):.4f}" if others else ""
+        lines.append(f"| {path.stem} | {len(rows)} | {values} | {float(chosen[METRIC]):.4f} | {spread} | "
+                     f"{chosen['best_epoch']} / {chosen['epochs']} | `{path.name}` |")
+    return "\n".join(lines) + "\n"
+
+
+def datasets_block(folder: Path) -> str:
+    """One row per preprocessing statistics file of `folder` (<dataset>.json, as preprocess writes data.json)."""
+    keys = ("users", "items", "interactions", "train", "valid", "test")
+    lines = ["| dataset | " + " | ".join(keys) + " | file |", "|---|" + "---:|" * len(keys) + "---|"]
+    for path in sorted(folder.glob("*.json")):
+        stats = read_json(path)
+        lines.append(f"| `{path.stem}` | " + " | ".join(f"{stats[key]:,}" for key in keys) + f" | `{path}` |")
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS: dict[str, Callable[[Path], str]] = {"run": run_block, "tuning": tuning_block, "datasets": datasets_block}
+
+
+def render(text: str) -> str:
+    """`text` with every generated block made again from its files (paths relative to the working directory)."""
+    def block(match: re.Match) -> str:
+        if match[2] not in RENDERERS:
+            raise ValueError(f"README: unknown generated block `{match[2]}` (known: {', '.join(RENDERERS)})")
+        return match[1] + RENDERERS[match[2]](Path(match[3])) + "\n" + match[5]
+
+    return BLOCK.sub(block, text)
+
+
+def main(
+    readme: Path = typer.Option(Path("README.md"), help="The file whose generated blocks are made again."),
+    check: bool = typer.Option(False, help="Change nothing; fail with a diff when the file differs from what its sources give."),
+) -> None:
+    """Make README's result tables again from the committed results (blocks `<!-- readme: KIND PATH -->`)."""
+    text = readme.read_text()
+    try:
+        new = render(text)
+    except (OSError, ValueError, KeyError) as err:
+        raise SystemExit(f"error: {readme}: a generated block's source is missing or malformed: {err}") from None
+    if check:
+        if new != text:
+            diff = "".join(difflib.unified_diff(text.splitlines(True), new.splitlines(True), str(readme), "generated"))
+            raise SystemExit(f"error: {readme} differs from its committed results (run `rcekd readme`):\n{diff}")
+        typer.echo(f"{readme}: every generated block matches its files")
+        return
+    readme.write_text(new)
+    typer.echo(f"{readme}: {len(BLOCK.findall(text))} generated blocks written")

@@ -1,0 +1,63 @@
+"""README's result tables are generated from committed files (stages/readme.py): the committed README
+is what those files give, and a changed file changes the table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from stages.readme import render, tuning_block
+from tests.dvc_repo import ROOT
+
+
+def test_readme_is_what_its_committed_files_give(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    text = (ROOT / "README.md").read_text()
+    assert "<!-- readme: run " in text  # at least the default pipeline's table is generated
+    assert render(text) == text, "README.md differs from its committed results: run `rcekd readme`"
+
+
+def test_a_changed_metric_changes_the_generated_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for path in ["params.yaml", "artifacts/reports/citeulike/results.json", *map(str, (ROOT / "artifacts/citeulike").rglob("history.csv"))]:
+        source = ROOT / path
+        target = tmp_path / source.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    monkeypatch.chdir(tmp_path)
+    text = "before\n<!-- readme: run . -->\nstale\n<!-- readme: end -->\nafter\n"
+    first = render(text)
+    assert first.startswith("before\n") and first.endswith("<!-- readme: end -->\nafter\n") and "stale" not in first
+    assert render(first) == first
+    path = tmp_path / "artifacts/reports/citeulike/results.json"
+    report = json.loads(path.read_text())
+    report["mf_to_mf"]["runs"]["rcekd"]["ndcg@20"]["mean"] = 0.5
+    path.write_text(json.dumps(report))
+    second = render(first)
+    assert "| rcekd | " in second and "| 0.5000 |" in second and second != first
+
+
+def test_the_tuning_table_shows_each_search_best_first(tmp_path: Path) -> None:
+    rows = [
+        {"trial": "t1", "kd.rcekd.weight": 10, "valid_ndcg@20": 0.05, "best_epoch": 90, "epochs": 120, "experiment": "ab"},
+        {"trial": "t0", "kd.rcekd.weight": 1, "valid_ndcg@20": 0.04, "best_epoch": 50, "epochs": 80, "experiment": "cd"},
+        {"trial": "t2", "kd.rcekd.weight": 100, "valid_ndcg@20": 0.03, "best_epoch": 20, "epochs": 50, "experiment": "ef"},
+    ]
+    with open(tmp_path / "rcekd.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = tuning_block(tmp_path)
+    assert "| rcekd | 3 | weight 10 | 0.0500 | 0.0300–0.0400 | 90 / 120 | `rcekd.csv` |" in table
+
+
+def test_an_unknown_block_is_an_error_naming_it() -> None:
+    with pytest.raises(ValueError, match="unknown generated block `plot`"):
+        render("<!-- readme: plot x -->\n<!-- readme: end -->")
+
+
+def test_the_datasets_copies_are_what_preprocessing_wrote() -> None:
+    assert (ROOT / "results/datasets/citeulike.json").read_text() == (ROOT / "artifacts/metrics/citeulike/data.json").read_text()
