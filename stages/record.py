@@ -7,12 +7,17 @@ one more experiment with every seed then restores all of them from the run cache
 report. That experiment's commit holds a dvc.lock that is true for its outputs; the record folder is
 a copy of it: its params.yaml, dvc.yaml and dvc.lock, and every metrics file, history, timing,
 diagnostics CSV, report and figure table of its artifacts/ (not checkpoints or the teacher's cache),
-with record.json naming the experiment. The folder is written whole or not at all.
+the figures drawn as PNG (figures/), and record.json naming the experiment. The folder is written
+whole or not at all.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +26,7 @@ import typer
 from rcekd.io import atomic_path, write_json
 from stages.common import log
 from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
-from stages.run_queue import experiment_revs, queue, run_all
+from stages.run_queue import experiment_revs, queue, run_all, settle
 
 KEPT = (".csv", ".json", ".md")  # the record's files: metrics, histories, timings, diagnostics, reports
 SKIPPED = ("cache",)  # folders left out: the teacher's score cache (its meta.json describes a file not kept)
@@ -38,6 +43,31 @@ def export(rev: str, out: Path) -> int:
         (out / path).parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(path, str(out / path))
     return len(paths)
+
+
+def draw(folder: Path) -> int:
+    """The record's figures as PNG files in `folder`/figures: dvc.yaml's plots, filled by `dvc plots show`
+    from the record's own CSVs (in a scratch DVC project holding a copy), drawn by vl-convert."""
+    import vl_convert
+
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch) / "record"
+        shutil.copytree(folder, work)
+        subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=work, check=True)
+        shutil.copytree(Path(".dvc/plots"), work / ".dvc/plots")
+        shown = subprocess.run(["dvc", "plots", "show", "--json"], cwd=work, capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise SystemExit(f"error: `dvc plots show --json` on the record failed:\n{shown.stderr.strip()}")
+    (folder / "figures").mkdir(exist_ok=True)
+    drawn = 0
+    for title, plots in json.loads(shown.stdout)["data"].items():
+        if title.endswith(".csv"):  # a stage's own history or timing plot, one per run: the report's figures cover them
+            continue
+        for plot in plots:
+            name = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+            (folder / "figures" / f"{name}.png").write_bytes(vl_convert.vegalite_to_png(plot["content"]))
+            drawn += 1
+    return drawn
 
 
 def main(
@@ -59,14 +89,17 @@ def main(
     stamp = time.strftime("%m%d-%H%M%S")
     final = f"record-{name}-{stamp}"
     log(f"record {name}: {len(seeds)} seeds on {jobs} workers, then the report of all ({settings})")
+    settle()
     for seed in seeds:
         queue(f"{final}-seed{seed}", settings | {"grid.seeds": [seed]})
     run_all(jobs, f"the record {name}")
+    settle()
     queue(final, settings)
     run_all(1, f"the record {name}")
     rev = experiment_revs()[final]
     with atomic_path(out) as tmp:
         files = export(rev, tmp)
+        figures = draw(tmp)
         write_json(tmp / "record.json", {"name": name, "experiment": final, "commit": rev, "set": settings,
-                                         "command": f"rcekd record --name {name}", "files": files})
+                                         "command": f"rcekd record --name {name}", "files": files, "figures": figures})
     log(f"record {name}: {files} files of experiment {final} ({rev[:10]}) in {out}; commit it with git add {out}")

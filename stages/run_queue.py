@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from collections import Counter
@@ -21,10 +22,24 @@ from stages.common import log
 
 
 def queue_states() -> Counter:
-    """How many queued tasks are in each state (Queued, Running, Success, Failed), from `dvc queue status`."""
+    """How many queued tasks are in each state (Queued, Running, Success, Failed), from `dvc queue status`,
+    and how many workers are alive (`workers`: active plus idle)."""
     lines = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True, check=True).stdout.splitlines()
     states = ("Queued", "Running", "Success", "Failed")
-    return Counter(line.split()[-1] for line in lines if line.split() and line.split()[-1] in states)
+    counts = Counter(line.split()[-1] for line in lines if line.split() and line.split()[-1] in states)
+    workers = re.search(r"Worker status: (\d+) active, (\d+) idle", "\n".join(lines))
+    counts["workers"] = int(workers[1]) + int(workers[2]) if workers else 0
+    return counts
+
+
+def settle(timeout: float = 300.0) -> None:
+    """Wait until no queue worker is alive. A worker of an earlier round lingers a while after its last
+    task and may take a task queued then and lose it as it exits (left `Running` for ever), so new
+    experiments are queued only once every worker is gone."""
+    waited = 0.0
+    while queue_states()["workers"] and waited < timeout:
+        time.sleep(2)
+        waited += 2
 
 
 def set_flags(settings: dict) -> list[str]:
@@ -78,7 +93,12 @@ def main(
             if states["Queued"] >= queued:
                 raise SystemExit(f"error: {states['Queued']} experiments stay queued; see `dvc queue status` and `dvc queue logs <name>`")
             log(f"run-queue: the workers exited with {states['Queued']} experiments queued (treeverse/dvc#10562); starting them again")
+    orphaned = 0
     while states["Running"]:  # a worker left idle by an earlier round may have taken a task queued since
+        orphaned = orphaned + 1 if not states["workers"] else 0
+        if orphaned > 6:
+            raise SystemExit(f"error: {states['Running']} experiments stay Running with no worker alive (lost by an exiting "
+                             "worker); `dvc queue status`, `dvc queue kill <name>`, then run the command again (finished runs come from the run cache)")
         time.sleep(5)
         states = queue_states()
     failed = states["Failed"] - failed_before

@@ -24,7 +24,7 @@ import typer
 
 from rcekd.io import atomic_path
 from stages.common import log
-from stages.run_queue import experiment_revs, queue, run_all
+from stages.run_queue import experiment_revs, queue, run_all, settle
 from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
 
 METRIC = "valid_ndcg@20"
@@ -84,6 +84,7 @@ def main(
     names, stamp = [], time.strftime("%m%d-%H%M%S")  # experiment names are unique per search
     grid = {"grid.teachers": [teacher], "grid.students": [student], "grid.seeds": [seed]}
     grid |= {} if method == "student" else {"grid.methods": [method]}
+    settle()
     for index, values in enumerate(chosen):
         names.append(f"tune-{space_name}-{stamp}-{index}")
         queue(names[-1], grid | values, target)

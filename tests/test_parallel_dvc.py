@@ -65,6 +65,8 @@ def test_a_record_runs_its_seeds_on_two_queue_workers_and_the_teacher_once(tmp_p
     assert report_seeds(folder) == {"student": 2, "rcekd": 2}
     meta = json.loads((folder / "record.json").read_text())
     assert meta["experiment"] == final and meta["set"] == {"grid.seeds": [0, 1]}
+    figures = sorted(folder.glob("figures/*.png"))  # dvc.yaml's five plots, drawn from the record's CSVs
+    assert len(figures) == meta["figures"] == 5 and all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in figures)
     assert yaml.safe_load((folder / "params.yaml").read_text())["grid"]["seeds"] == [0, 1]  # the params it ran with
     for seed in SEEDS:
         assert (folder / f"artifacts/metrics/citeulike/mf_to_mf/rcekd/seed_{seed}.json").exists()
