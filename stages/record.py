@@ -2,9 +2,9 @@
 committed as plain files under results/N.
 
 The default pipeline stays small; a record is the same pipeline with a few params set (more methods,
-five seeds). Its seeds run in parallel on DVC's queue, one experiment per seed (`rcekd run-queue`);
-one more experiment with every seed then restores all of them from the run cache and runs only the
-report. That experiment's commit holds a dvc.lock that is true for its outputs; the record folder is
+five seeds). Its cells run in parallel on DVC's queue, one experiment per seed and method (`rcekd
+run-queue`); one more experiment with every seed and method then restores all of them from the run
+cache and runs only the report. That experiment's commit holds a dvc.lock that is true for its outputs; the record folder is
 a copy of it: its params.yaml, dvc.yaml and dvc.lock, and every metrics file, history, timing,
 diagnostics CSV, report and figure table of its artifacts/ (not checkpoints or the teacher's cache),
 the figures drawn as PNG (figures/), and record.json naming the experiment. The folder is written
@@ -72,7 +72,7 @@ def draw(folder: Path) -> int:
 
 def main(
     name: str = typer.Option(..., help="A record of `records` in params.yaml (e.g. citeulike_mf)."),
-    jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="Queue workers (rcekd run-queue): seeds at once."),
+    jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="Queue workers (rcekd run-queue): cells at once."),
     out: Path = typer.Option(None, help="The record's folder (default results/<name>)."),
     params: Path = PARAMS_OPTION,
 ) -> None:
@@ -83,16 +83,28 @@ def main(
         if not isinstance(settings, dict) or not settings:
             raise ParamsError(f"{params}: records.{name}.set = {settings!r}; expected parameter: value pairs (as dvc exp run -S)")
         seeds = settings.get("grid.seeds", section(all_params, "grid.seeds", params))
+        methods = settings.get("grid.methods", section(all_params, "grid.methods", params))
     except ParamsError as err:
         fail(err)
     out = out or Path("results") / name
     stamp = time.strftime("%m%d-%H%M%S")
     final = f"record-{name}-{stamp}"
-    log(f"record {name}: {len(seeds)} seeds on {jobs} workers, then the report of all ({settings})")
+    log(f"record {name}: {len(seeds)} seeds x {len(methods)} methods on {jobs} workers, then the report of all ({settings})")
+    # The teachers and their caches first, once (restored from the run cache when they ran before); then
+    # one experiment per cell, so that the workers share out every (seed, method): each seed's first
+    # method (which also trains that seed's student alone), then the other methods, whose experiments
+    # restore the student from the run cache.
     settle()
-    for seed in seeds:
-        queue(f"{final}-seed{seed}", settings | {"grid.seeds": [seed]})
-    run_all(jobs, f"the record {name}")
+    queue(f"{final}-upstream", settings, "cache_teacher")
+    run_all(1, f"the record {name} (its teachers)")
+    for round_ in ([methods[:1]], [[m] for m in methods[1:]]):
+        if not round_:
+            continue
+        settle()
+        for seed in seeds:
+            for chosen in round_:
+                queue(f"{final}-s{seed}-{chosen[0]}", settings | {"grid.seeds": [seed], "grid.methods": chosen})
+        run_all(jobs, f"the record {name}")
     settle()
     queue(final, settings)
     run_all(1, f"the record {name}")

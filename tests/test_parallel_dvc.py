@@ -45,26 +45,29 @@ def report_seeds(repo: Path) -> dict[str, int]:
 
 
 def test_a_record_runs_its_seeds_on_two_queue_workers_and_the_teacher_once(tmp_path: Path) -> None:
-    record = {("records",): {"two": {"set": {"grid.seeds": list(SEEDS)}}}}
+    record = {("records",): {"two": {"set": {"grid.seeds": list(SEEDS), "grid.methods": ["ce", "rcekd"]}}}}
     repo = make_repo(tmp_path / "repo", {**GRID, **record}, users=300)
     upstream = ran_stages(run(["dvc", "repro", "cache_teacher"], repo))
     assert upstream == {"preprocess", "train_teacher@mf", "cache_teacher@mf"}, upstream
     output = run(["rcekd", "record", "--name", "two", "--jobs", "2"], repo)
-    assert "2 queued experiments, 2 workers" in output and "0 failed" in output, output
+    assert "2 queued experiments, 2 workers" in output and "0 failed" in output, output  # each round's
     names = re.findall(r"^\S+\s+(record-two-\S+)\s+.*Success$", run(["dvc", "queue", "status"], repo), re.M)
-    assert len(names) == 3, names  # one experiment per seed, then the report of both
+    assert len(names) == 6, names  # the teacher's, one experiment per cell (seed, method), then the report of all
     final = min(names, key=len)
-    for seed in SEEDS:
-        log = run(["dvc", "queue", "logs", f"{final}-seed{seed}"], repo)
-        assert trained(ran_stages(log)) == {f"train_student@mf-{seed}", f"distill@mf-mf-rcekd-{seed}"}, log
+    assert not trained(ran_stages(run(["dvc", "queue", "logs", f"{final}-upstream"], repo)))  # the teacher: cached
+    for seed in SEEDS:  # the first method's cell trains the seed's student alone; the next restores it
+        log = run(["dvc", "queue", "logs", f"{final}-s{seed}-ce"], repo)
+        assert trained(ran_stages(log)) == {f"train_student@mf-{seed}", f"distill@mf-mf-ce-{seed}"}, log
         assert re.search(r"\d+ threads", log)  # each worker's stages run with the threads run-queue gave them
+        log = run(["dvc", "queue", "logs", f"{final}-s{seed}-rcekd"], repo)
+        assert trained(ran_stages(log)) == {f"distill@mf-mf-rcekd-{seed}"}, log
     combined = run(["dvc", "queue", "logs", final], repo)
     assert not trained(ran_stages(combined)) and "report" in ran_stages(combined), combined
 
     folder = repo / "results/two"  # the record: the final experiment's files, checkpoints and caches left out
-    assert report_seeds(folder) == {"student": 2, "rcekd": 2}
+    assert report_seeds(folder) == {"student": 2, "ce": 2, "rcekd": 2}
     meta = json.loads((folder / "record.json").read_text())
-    assert meta["experiment"] == final and meta["set"] == {"grid.seeds": [0, 1]}
+    assert meta["experiment"] == final and meta["set"] == {"grid.seeds": [0, 1], "grid.methods": ["ce", "rcekd"]}
     figures = sorted(folder.glob("figures/*.png"))  # dvc.yaml's five plots, drawn from the record's CSVs
     assert len(figures) == meta["figures"] == 5 and all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in figures)
     assert yaml.safe_load((folder / "params.yaml").read_text())["grid"]["seeds"] == [0, 1]  # the params it ran with
