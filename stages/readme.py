@@ -46,9 +46,11 @@ def _p(value: float | None) -> str:
 
 def _epochs(folder: Path, dataset: str, name: str, seeds: list[int | None]) -> str:
     """Best epoch / epochs run, from the runs' histories (the mean over seeds when there are several)."""
-    found = [best_of(list(csv.DictReader((folder / "artifacts" / dataset / name / (f"seed_{s}" if s is not None else "") / "history.csv").open())))
-             for s in seeds]
-    best, run = sum(f[1] for f in found) / len(found), sum(f[2] for f in found) / len(found)
+    found = []
+    for seed in seeds:
+        history = folder / "artifacts" / dataset / name / (f"seed_{seed}" if seed is not None else "") / "history.csv"
+        found.append(best_of(list(csv.DictReader(history.open())))[1:])  # (best epoch, epochs run)
+    best, run = (sum(column) / len(found) for column in zip(*found))
     return f"{best:.0f} / {run:.0f}"
 
 
@@ -85,7 +87,8 @@ def run_block(folder: Path) -> str:
             lines += [f"| {name} | {_percent(c['recall@20'])} | {_p(c['recall@20']['p_value'])} | {_percent(c['ndcg@20'])} | {_p(c['ndcg@20']['p_value'])} |"
                       for name, c in each.items()]
             n = best["ndcg@20"]
-            verdict = "significant at p < 0.05" if n["p_value"] is not None and n["p_value"] < 0.05 else "not significant at p < 0.05"
+            verdict = ("no test with one seed" if n["p_value"] is None else
+                       "significant at p < 0.05" if n["p_value"] < 0.05 else "not significant at p < 0.05")
             lines += ["", f"The best baseline by NDCG@20 is `{n['baseline']}`: `{target}` changes its NDCG@20 by "
                           f"{_percent(n)} (p = {_p(n['p_value'])}, {n['paired_seeds']} paired seeds, {verdict}).", ""]
     return "\n".join(lines)
