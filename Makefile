@@ -1,13 +1,14 @@
 # Two commands for a newcomer (see README.md):
 #   make run    set up .venv, then `dvc repro` the default pipeline (CiteULike-t, MF → MF)
 #   make test   set up .venv, then run the test suite (unit tests + a small end-to-end DVC run)
+#   make tune   every validation search of params `tuning` (hours on a CPU), then README's tables
 #   make record the protocols of record (params `records`: hours on a CPU), copied to results/, and README's tables
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test plots record
+.PHONY: setup run test plots tune record
 setup: $(VENV)/.installed
 
 # The CPU build of torch first (a local wheel on the project's machines); the CPU index elsewhere.
@@ -24,9 +25,24 @@ run: setup
 test: setup
 	python -m pytest -q
 
+JOBS ?= 2
+
+# Every MF -> MF search of tuning.spaces, one after another, each skipped once its CSV exists (a rerun
+# after a kill restores the finished trials from the run cache); TaReC with 4 trials; the edges last.
+SEARCHES ?= student rcekd ce cd rrd dcd unkd sld hetcomp tarec
+TUNED := artifacts/tuning/citeulike/mf_to_mf
+tune: setup
+	dvc repro cache_teacher
+	for space in $(SEARCHES); do \
+	  [ -f $(TUNED)/$$space.csv ] || rcekd tune --method $$space --jobs $(JOBS) $$( [ $$space = tarec ] && echo --trials 4 ) || exit 1; \
+	done
+	for space in $$(python -c "import yaml; print(' '.join(k for k in yaml.safe_load(open('params.yaml'))['tuning']['spaces'] if k.endswith('_edge')))"); do \
+	  [ -f $(TUNED)/$$space.csv ] || rcekd tune --method $${space%_edge} --space $$space --jobs $(JOBS) || exit 1; \
+	done
+	rcekd readme
+
 # The protocols of record (README "Results of record"): the default pipeline first, so that the
 # records share its upstream stages; then each record's seeds on the queue; then README's tables.
-JOBS ?= 2
 record: setup
 	dvc repro
 	rcekd record --name citeulike_mf --jobs $(JOBS)
