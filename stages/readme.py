@@ -25,6 +25,7 @@ import typer
 import yaml
 
 from rcekd.io import read_json
+from rcekd.report import run_path
 from stages.tune import METRIC, best_of
 
 BLOCK = re.compile(r"(<!-- readme: (\w+) (\S+) -->\n)(.*?)(<!-- readme: end -->)", re.S)
@@ -48,7 +49,7 @@ def _epochs(folder: Path, dataset: str, name: str, seeds: list[int | None]) -> s
     """Best epoch / epochs run, from the runs' histories (the mean over seeds when there are several)."""
     found = []
     for seed in seeds:
-        history = folder / "artifacts" / dataset / name / (f"seed_{seed}" if seed is not None else "") / "history.csv"
+        history = run_path(folder / "artifacts" / dataset, name, seed) / "history.csv"
         found.append(best_of(list(csv.DictReader(history.open())))[1:])  # (best epoch, epochs run)
     best, run = (sum(column) / len(found) for column in zip(*found))
     return f"{best:.0f} / {run:.0f}"
