@@ -27,17 +27,16 @@ test: setup
 
 JOBS ?= 2
 
-# Every MF -> MF search of tuning.spaces, one after another, each skipped once its CSV exists (a rerun
-# after a kill restores the finished trials from the run cache); TaReC with 4 trials; the edges last.
+# Every MF -> MF search of tuning.spaces, one after another; each trial lands in its search's CSV as it
+# finishes, and a rerun runs only the trials missing there; TaReC with 4 trials; the edges last.
 SEARCHES ?= student rcekd ce cd rrd dcd unkd sld hetcomp tarec
-TUNED := artifacts/tuning/citeulike/mf_to_mf
 tune: setup
 	dvc repro cache_teacher
 	for space in $(SEARCHES); do \
-	  [ -f $(TUNED)/$$space.csv ] || rcekd tune --method $$space --jobs $(JOBS) $$( [ $$space = tarec ] && echo --trials 4 ) || exit 1; \
+	  rcekd tune --method $$space --jobs $(JOBS) $$( [ $$space = tarec ] && echo --trials 4 ) || exit 1; \
 	done
 	for space in $$(python -c "import yaml; print(' '.join(k for k in yaml.safe_load(open('params.yaml'))['tuning']['spaces'] if k.endswith('_edge')))"); do \
-	  [ -f $(TUNED)/$$space.csv ] || rcekd tune --method $${space%_edge} --space $$space --jobs $(JOBS) || exit 1; \
+	  rcekd tune --method $${space%_edge} --space $$space --jobs $(JOBS) || exit 1; \
 	done
 	rcekd readme
 

@@ -7,7 +7,9 @@ whose target is the run's training stage (`train_student@S-seed` or `distill@T-S
 evaluate stage runs, so test metrics are never computed while tuning. The queue runs them
 (`rcekd run-queue`); the trials' parameters, best validation NDCG@20, best epoch and epochs, read from
 each experiment's history, go to a CSV (default artifacts/tuning/<dataset>/<T>_to_<S>/<method>.csv),
-best first, and the best trial's values are printed as the `-S` flags that select them.
+best first, as each trial finishes; a rerun skips the trials the CSV already holds, so an interrupted
+search (a killed process, a lost machine) loses only its unfinished trials. The best trial's values are
+printed as the `-S` flags that select them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import typer
 
 from rcekd.io import atomic_path
 from stages.common import log
-from stages.run_queue import experiment_revs, queue, run_all, settle
+from stages.run_queue import experiment_revs, queue, settle
 from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
 
 METRIC = "valid_ndcg@20"
@@ -44,6 +46,54 @@ def best_of(history: list[dict]) -> tuple[float, int, int]:
     values = [float(row[METRIC]) for row in history]
     best = max(range(len(values)), key=lambda i: (values[i], -i))
     return values[best], int(history[best]["epoch"]), len(values)
+
+
+def trial_key(values: dict, space: dict) -> tuple[str, ...]:
+    """A trial's values as the CSV writes them (str), so that a row read back matches its trial."""
+    return tuple(str(values[key]) for key in space)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The trials a CSV already holds (none if it does not exist)."""
+    return list(csv.DictReader(path.open())) if path.exists() else []
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """The trials, best first, written whole (never a half-written file)."""
+    rows = sorted(rows, key=lambda row: -float(row[METRIC]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_recording(jobs: int, method: str, queued: dict[str, dict], rows: list[dict], history: str, out: Path,
+                  every: float = 60.0) -> list[dict]:
+    """Run the queue; each trial's row goes into `out` as soon as its experiment exists, so an interrupted
+    search keeps (and a rerun skips) every finished trial. Returns all rows."""
+    runner = subprocess.Popen(["rcekd", "run-queue", "--jobs", str(jobs)])
+    waiting = dict(queued)
+    while waiting:
+        try:
+            runner.wait(timeout=every)
+        except subprocess.TimeoutExpired:
+            pass
+        finished = runner.poll() is not None
+        revs = experiment_revs()
+        for name in [name for name in waiting if name in revs]:
+            shown = subprocess.run(["git", "show", f"{revs[name]}:{history}"], capture_output=True, text=True, check=True).stdout
+            best, epoch, epochs = best_of(list(csv.DictReader(shown.splitlines())))
+            rows.append({"trial": name, **waiting.pop(name), METRIC: best, "best_epoch": epoch, "epochs": epochs,
+                         "experiment": revs[name][:10]})
+            write_rows(out, rows)
+            log(f"tune {method}: {name} {METRIC} {best:.5f}; {len(waiting)} to go (in {out})")
+        if finished:
+            break
+    if runner.wait() != 0 or waiting:
+        raise SystemExit(f"error: the experiments of the search of {method} did not all finish (above); "
+                         f"`dvc queue status` lists them; the finished ones are in {out}, and a rerun runs the others")
+    return rows
 
 
 def run_name(method: str, teacher: str, student: str, seed: int) -> tuple[str, str]:
@@ -80,28 +130,22 @@ def main(
     target, run_dir = run_name(method, teacher, student, seed)
     chosen = trials(space, budget, seed)
     out = out or Path(f"artifacts/tuning/{dataset}/{teacher}_to_{student}/{space_name}.csv")
-    log(f"tune {method}: {len(chosen)} trials of {len(list(itertools.product(*space.values())))} ({target}, validation only)")
-    names, stamp = [], time.strftime("%m%d-%H%M%S")  # experiment names are unique per search
-    grid = {"grid.teachers": [teacher], "grid.students": [student], "grid.seeds": [seed]}
-    grid |= {} if method == "student" else {"grid.methods": [method]}
-    settle()
-    for index, values in enumerate(chosen):
-        names.append(f"tune-{space_name}-{stamp}-{index}")
-        queue(names[-1], grid | values, target)
-    run_all(jobs, f"the search of {method}")
-    revs = experiment_revs()
-    rows = []
-    for name, values in zip(names, chosen):
-        shown = subprocess.run(["git", "show", f"{revs[name]}:artifacts/{dataset}/{run_dir}/history.csv"],
-                               capture_output=True, text=True, check=True).stdout
-        best, epoch, epochs = best_of(list(csv.DictReader(shown.splitlines())))
-        rows.append({"trial": name, **values, METRIC: best, "best_epoch": epoch, "epochs": epochs, "experiment": revs[name][:10]})
-    rows.sort(key=lambda row: -row[METRIC])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    select = " ".join(f"-S '++{key}={json.dumps(value)}'" for key, value in chosen[names.index(rows[0]["trial"])].items())
-    log(f"tune {method}: best {METRIC} {rows[0][METRIC]:.5f} at epoch {rows[0]['best_epoch']} ({rows[0]['trial']}); trials in {out}")
+    rows = [row for row in read_rows(out) if trial_key(row, space) in {trial_key(values, space) for values in chosen}]
+    done = {trial_key(row, space) for row in rows}
+    todo = [values for values in chosen if trial_key(values, space) not in done]
+    log(f"tune {method}: {len(chosen)} trials of {len(list(itertools.product(*space.values())))} ({target}, validation only)"
+        + (f"; {len(chosen) - len(todo)} already in {out}" if done else ""))
+    if todo:
+        names, stamp = [], time.strftime("%m%d-%H%M%S")  # experiment names are unique per search
+        grid = {"grid.teachers": [teacher], "grid.students": [student], "grid.seeds": [seed]}
+        grid |= {} if method == "student" else {"grid.methods": [method]}
+        settle()
+        for values in todo:
+            names.append(f"tune-{space_name}-{stamp}-{chosen.index(values)}")
+            queue(names[-1], grid | values, target)
+        rows = run_recording(jobs, method, dict(zip(names, todo)), rows, f"artifacts/{dataset}/{run_dir}/history.csv", out)
+    rows.sort(key=lambda row: -float(row[METRIC]))
+    best = next(values for values in chosen if trial_key(values, space) == trial_key(rows[0], space))
+    select = " ".join(f"-S '++{key}={json.dumps(value)}'" for key, value in best.items())
+    log(f"tune {method}: best {METRIC} {float(rows[0][METRIC]):.5f} at epoch {rows[0]['best_epoch']} ({rows[0]['trial']}); trials in {out}")
     log(f"tune {method}: select it with {select}")

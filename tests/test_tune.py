@@ -46,3 +46,14 @@ def test_tune_runs_validation_only_trials_and_ranks_them(tmp_path: Path) -> None
         assert float(row["valid_ndcg@20"]) == best and int(row["epochs"]) == 2
         params = json.loads(run(["dvc", "exp", "show", "--json"], repo))
         assert row["experiment"] in json.dumps(params)
+    # A rerun skips what the CSV holds: an interrupted search (here: one trial's row lost) runs only the rest.
+    again = run(["rcekd", "tune", "--method", "rcekd", "--jobs", "2"], repo)
+    assert "2 already in" in again and "queued" not in again, again
+    out = repo / "artifacts/tuning/citeulike/mf_to_mf/rcekd.csv"
+    kept = out.read_text().splitlines()[:2]
+    out.write_text("\n".join(kept) + "\n")
+    resumed = run(["rcekd", "tune", "--method", "rcekd", "--jobs", "2"], repo)
+    assert "1 already in" in resumed and "run-queue: 1 queued" in resumed, resumed
+    rows_after = list(csv.DictReader(out.read_text().splitlines()))
+    assert rows[0]["trial"] in {row["trial"] for row in rows_after}  # the kept trial stays, not run again
+    assert sorted(float(row["kd.rcekd.student_weight_decay"]) for row in rows_after) == [0.00001, 0.001]
