@@ -56,12 +56,18 @@ def queue(name: str, settings: dict, *targets: str) -> None:
 
 
 def experiment_revs() -> dict[str, str]:
-    """name → commit of every local experiment, whatever its baseline (a long search outlives new commits)."""
-    from dvc.repo import Repo
-
-    with Repo(".") as repo:
-        listed = repo.experiments.ls(all_commits=True)
-    return {name: rev for experiments in listed.values() for name, rev in experiments if rev}
+    """name → commit of every local experiment, whatever its baseline (a long search outlives new commits).
+    Read from git's refs (refs/exps/<baseline>/<name>), not through DVC's Repo, which takes the lock
+    that a running `dvc exp run` holds."""
+    listed = subprocess.run(["git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps"],
+                            capture_output=True, text=True, check=True).stdout.split("\n")
+    revs = {}
+    for line in filter(None, listed):
+        ref, rev = line.split()
+        parts = ref.split("/")  # refs/exps/<2 hex>/<38 hex>/<name>; DVC's own refs (exec, celery, temp) differ
+        if len(parts) == 5 and len(parts[2]) == 2 and len(parts[3]) == 38:
+            revs[parts[4]] = rev
+    return revs
 
 
 def run_all(jobs: int, what: str) -> None:
