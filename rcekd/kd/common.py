@@ -29,6 +29,8 @@ class KDContext:
     # model kwargs overridden, and fit(model, method, label) -> FitResult with the run's options
     build_student: Callable[[dict], nn.Module] | None = None
     fit_student: Callable[[nn.Module, object, str], object] | None = None
+    student_dim: int | None = None  # the student's vector size (methods with projectors to the teacher's)
+    seed: int = 0  # the run's seed (a method's own initial weights)
 
 
 def soft_ce(

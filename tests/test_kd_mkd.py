@@ -1,0 +1,149 @@
+"""MKD's pieces against direct computations on tiny hand-made inputs (K-Mix, CPD1, CPD2, the projector
+ensemble, the teacher-cosine neighbours, NKD), and where its gradients go: NKD trains the projectors and
+the student, CPD the projectors only."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from test_rcekd_pieces import make_splits, reference_ce
+
+from rcekd.backbones.mf import MF
+from rcekd.cache import TeacherCache, write_cache
+from rcekd.kd import KDContext
+from rcekd.kd.mkd import MKD, Projector, cosine_neighbours, cpd1, k_mix
+from rcekd.sparse import UserItems
+
+N_USERS, N_ITEMS, D_T, D_S = 8, 12, 6, 3
+RNG = np.random.default_rng(0)
+TRAIN = {u: set(RNG.choice(N_ITEMS, 3, replace=False).tolist()) for u in range(N_USERS)}
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def ctx(tmp_path) -> KDContext:
+    splits = make_splits(TRAIN, N_USERS, N_ITEMS)
+    torch.manual_seed(0)
+    teacher = MF(n_users=N_USERS, n_items=N_ITEMS, dim=D_T, init_std=1.0)
+    write_cache(teacher, splits, tmp_path / "cache", topk=6, checkpoint_sha256="0" * 64, chunk=4, device=CPU)
+    cache = TeacherCache(tmp_path / "cache", splits=splits, device=CPU, chunk=4)
+    return KDContext(cache, UserItems(splits.train, N_USERS, N_ITEMS), N_USERS, N_ITEMS, CPU, 4, student_dim=D_S, seed=0)
+
+
+def student() -> MF:
+    torch.manual_seed(1)
+    return MF(n_users=N_USERS, n_items=N_ITEMS, dim=D_S, init_std=1.0)
+
+
+def batch(model: MF):
+    """A hand-made batch: rows (u, i⁺, i⁻), its unique users and items, and the forward's vectors."""
+    users_of_rows = torch.tensor([0, 0, 3, 5])
+    pos, neg = torch.tensor([1, 2, 4, 1]), torch.tensor([7, 9, 7, 11])
+    users, inverse = users_of_rows.unique(return_inverse=True)
+    items = torch.cat([pos, neg]).unique()
+    user_vecs, item_table, user_table = model.encode_all_users(users)
+    return users, user_vecs, item_table, {"pairs": (inverse, pos, neg), "items": items, "user_table": user_table}
+
+
+def test_k_mix_with_a_fixed_mask_takes_each_dimension_from_one_side() -> None:
+    own, other = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[10.0, 20.0, 30.0]])
+    assert k_mix(own, other, torch.tensor([[1.0, 0.0, 1.0]])).tolist() == [[1.0, 20.0, 3.0]]
+    assert k_mix(own, other, torch.tensor([[0.25, 0.5, 0.0]])).tolist() == [[7.75, 11.0, 30.0]]  # soft mask
+
+
+def test_cpd1_is_the_product_of_margins_when_the_orders_disagree() -> None:
+    f_u = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    g_pos, g_neg = torch.tensor([[0.0, 0.0], [2.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.5, 0.0]])
+    raw = torch.tensor([2.0, 3.0])  # the student prefers i⁺ in both rows
+    # row 0: projected order 0 − 1 = −1 (flipped): −(−1)·2 = 2; row 1: 2 − 0.5 = 1.5 (kept): 0
+    assert cpd1(f_u, g_pos, g_neg, raw).tolist() == [2.0, 0.0]
+
+
+def test_the_projector_is_the_mean_of_its_experts() -> None:
+    torch.manual_seed(0)
+    projector = Projector(3, 6, experts=5)
+    x = torch.randn(4, 3)
+    by_hand = sum(e[2](torch.relu(e[0](x))) for e in projector.experts) / 5
+    assert projector.experts[0][0].out_features == (3 + 6) // 2
+    torch.testing.assert_close(projector(x), by_hand)
+
+
+def test_cosine_neighbours_are_the_most_similar_others() -> None:
+    torch.manual_seed(0)
+    vectors = torch.randn(10, 4)
+    got = cosine_neighbours(vectors, 3, chunk=4)
+    normed = vectors / vectors.norm(dim=1, keepdim=True)
+    sims = (normed @ normed.T).fill_diagonal_(-2.0).numpy()
+    assert got.tolist() == np.argsort(-sims, axis=1, kind="stable")[:, :3].tolist()
+
+
+def test_nkd_without_mix_is_the_distance_of_projected_to_teacher_vectors(ctx) -> None:
+    mkd = MKD(ctx, parts=["nkd"], mix=False, top_n=4)
+    model = student()
+    users, user_vecs, item_table, extra = batch(model)
+    teacher_users, teacher_items = ctx.teacher.factors()
+    items = extra["items"]
+    by_hand = ((mkd.f(user_vecs) - teacher_users[users]).norm(dim=1).sum()
+               + (mkd.g(item_table[items]) - teacher_items[items]).norm(dim=1).sum()) / 4  # 4 rows
+    parts = mkd.loss(users, user_vecs, item_table, **extra)
+    torch.testing.assert_close(parts["nkd"], by_hand)
+    torch.testing.assert_close(parts["kd"], by_hand.expand(len(users)))  # λ_NKD 1, on every user's entry
+
+
+def test_nkd_mixes_with_a_teacher_neighbour(ctx, monkeypatch) -> None:
+    """With the mask drawn all zeros every vector is replaced by its neighbour's, on both sides."""
+    mkd = MKD(ctx, parts=["nkd"], neighbours=1, top_n=4)
+    monkeypatch.setattr(torch, "rand_like", lambda like: torch.ones_like(like))  # ≥ α everywhere: the neighbour's value
+    model = student()
+    users, user_vecs, item_table, extra = batch(model)
+    teacher_users, teacher_items = ctx.teacher.factors()
+    v, j = mkd.user_neighbours[users, 0], mkd.item_neighbours[extra["items"], 0]
+    by_hand = ((mkd.f(extra["user_table"][v]) - teacher_users[v]).norm(dim=1).sum()
+               + (mkd.g(item_table[j]) - teacher_items[j]).norm(dim=1).sum()) / 4
+    torch.testing.assert_close(mkd.loss(users, user_vecs, item_table, **extra)["nkd"], by_hand)
+
+
+def test_cpd2_is_the_ce_over_the_teachers_top_items(ctx) -> None:
+    mkd = MKD(ctx, parts=["cpd"], top_n=4, cpd_weight=1.0, cpd2_weight=1.0)
+    model = student()
+    users, user_vecs, item_table, extra = batch(model)
+    top, _ = ctx.teacher.topk(4, exclude=ctx.train)
+    with torch.no_grad():
+        f_u, g_i = mkd.f(user_vecs), mkd.g(item_table)
+        ce = [reference_ce((user_vecs[b] @ item_table[top[u]].T).numpy(), (f_u[b] @ g_i[top[u]].T).numpy())
+              for b, u in enumerate(users.tolist())]
+    parts = mkd.loss(users, user_vecs, item_table, **extra)
+    np.testing.assert_allclose(float(parts["cpd2"].detach()), sum(ce) / 4, rtol=1e-5)
+    assert all(i not in TRAIN[u] for u in range(N_USERS) for i in mkd.top[u].tolist())  # non-training items
+
+
+def test_nkd_trains_projectors_and_student_but_cpd_only_the_projectors(ctx) -> None:
+    for parts, student_learns in ((["nkd"], True), (["cpd"], False)):
+        mkd, model = MKD(ctx, parts=parts, top_n=4), student()
+        users, user_vecs, item_table, extra = batch(model)
+        loss = mkd.loss(users, user_vecs, item_table, **extra)
+        (loss["kd"].mean()).backward()
+        for projector in (mkd.f, mkd.g):
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters()), parts
+        student_grads = [p.grad for p in model.parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in student_grads) == student_learns, parts
+
+
+def test_the_projectors_follow_the_seed_and_leave_the_global_generator_alone(ctx) -> None:
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    build = lambda context: MKD(context, parts=["nkd"], top_n=4)
+    first = build(ctx).f.experts[0][0].weight.clone()
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(build(ctx).f.experts[0][0].weight, first)
+    assert not torch.equal(build(dataclasses.replace(ctx, seed=1)).f.experts[0][0].weight, first)
+
+
+@pytest.mark.parametrize("bad", [{"parts": []}, {"parts": ["nkd", "fd"]}, {"mask": "soft-ish"}, {"alpha": 1.5},
+                                 {"neighbours": N_USERS}, {"top_n": 0}])
+def test_bad_options_are_refused_with_the_option_named(ctx, bad) -> None:
+    with pytest.raises(ValueError, match="kd.mkd"):
+        MKD(ctx, **{"parts": ["nkd", "cpd"], "top_n": 4, **bad})
