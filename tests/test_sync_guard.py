@@ -196,6 +196,10 @@ TINY = {  # sizes that fit the tiny data, over each method's own parameters
     "unkd": {"groups": 2, "pairs_per_group": 2, "pool": 10},
     "tarec": {"assistant": {"dim": 4}, "triples": 3, "iterations": 5},
     "mkd": {"neighbours": 2, "top_n": 5, "sld": {"q": 10, "pool": 20}},
+    "rd": {"k": 5, "n": 10, "dynamic_from": 1},
+    "de": {"experts": 3},
+    "de_rrd": {"experts": 3, "rrd": {"k": 5, "l": 10, "m": 20}},
+    "htd": {"groups": 3},
 }
 LOOP_KEYS = ("weight", "reduction", "method", "lr", "student_weight_decay")  # read by the stage, not the method
 

@@ -12,10 +12,13 @@ from rcekd.kd.cd import CD
 from rcekd.kd.ce import VanillaCE
 from rcekd.kd.common import KDContext
 from rcekd.kd.dcd import DCD
+from rcekd.kd.de import DE, DERRD
 from rcekd.kd.full_ce import FullCE
 from rcekd.kd.hetcomp import HetComp
+from rcekd.kd.htd import HTD
 from rcekd.kd.mkd import MKD
 from rcekd.kd.rcekd import RCEKD
+from rcekd.kd.rd import RD
 from rcekd.kd.rrd import RRD
 from rcekd.kd.sld import SLD
 from rcekd.kd.tarec import TaReC
@@ -33,6 +36,10 @@ METHODS = {
     "tarec": TaReC,
     "rcekd": RCEKD,
     "mkd": MKD,
+    "rd": RD,
+    "de": DE,
+    "de_rrd": DERRD,
+    "htd": HTD,
 }
 
 __all__ = ["METHODS", "KDContext"]

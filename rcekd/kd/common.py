@@ -172,3 +172,9 @@ def list_nll(
     if list_mask is not None:
         terms = torch.where(list_mask, terms, torch.zeros_like(terms))
     return -terms.sum(1)
+
+
+def expert(d_in: int, d_out: int) -> nn.Module:
+    """One projector MLP d_in → (d_in + d_out) / 2 → ReLU → d_out (the experts of DE, HTD and MKD's code)."""
+    hidden = (d_in + d_out) // 2
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))

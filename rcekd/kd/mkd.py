@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcekd.kd.common import KDContext, pair_scores, soft_ce
+from rcekd.kd.common import KDContext, expert, pair_scores, soft_ce
 from rcekd.kd.sld import SLD
 
 PARTS = ("nkd", "cpd", "sld")
@@ -40,10 +40,7 @@ class Projector(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, experts: int):
         super().__init__()
-        hidden = (d_in + d_out) // 2
-        self.experts = nn.ModuleList(
-            nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out)) for _ in range(experts)
-        )
+        self.experts = nn.ModuleList(expert(d_in, d_out) for _ in range(experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, d_S] → [N, d_T]
         return torch.stack([expert(x) for expert in self.experts]).mean(0)
