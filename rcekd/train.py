@@ -81,10 +81,13 @@ def fit(
     resume_path: str | Path | None = None,
     resume_key: str = "",
     resume_every: float = 60.0,
+    select: str = "ndcg@20",
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
 ) -> FitResult:
     if kd_reduction not in ("users", "rows"):
         raise ValueError(f"kd_reduction = {kd_reduction!r}: expected 'users' or 'rows'")
+    if select not in ("ndcg@20", "recall@20"):
+        raise ValueError(f"select = {select!r}: expected 'ndcg@20' or 'recall@20'")
     deterministic(device)
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -160,9 +163,9 @@ def fit(
             "epoch_seconds": time.perf_counter() - started,
         }
         best.history.append(row)
-        improved = valid["ndcg@20"] > best_ndcg
+        improved = valid[select] > best_ndcg  # the selection metric (validation NDCG@20 unless train.select)
         if improved:
-            best_ndcg, since_best = valid["ndcg@20"], 0
+            best_ndcg, since_best = valid[select], 0
             best.best_state = copy.deepcopy(model.state_dict())
             best.best_epoch, best.best_valid = epoch, valid
         else:
@@ -171,7 +174,7 @@ def fit(
         log(
             f"epoch {epoch:4d}  loss {row['loss']:.4f}"
             + "".join(f"  {k} {row[k]:.4f}" for k in [*sums, *prep] if k != "loss")
-            + f"  valid ndcg@20 {valid['ndcg@20']:.4f}{' *' if improved else '  '}"
+            + f"  valid {select} {valid[select]:.4f}{' *' if improved else '  '}"
             + f"  best {best_ndcg:.4f}@{best.best_epoch}  {row['epoch_seconds']:.1f}s"
         )
         if history_path is not None and epoch % 10 == 0:
@@ -187,7 +190,7 @@ def fit(
             })
             saved_at = time.monotonic()
         if since_best >= patience:
-            log(f"early stop: no validation NDCG@20 improvement for {patience} epochs")
+            log(f"early stop: no validation {select} improvement for {patience} epochs")
             break
     if history_path is not None:
         write_history(history_path, best.history)
