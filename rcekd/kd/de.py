@@ -85,8 +85,13 @@ class DE(nn.Module):
 
 
 class DERRD(DE):
-    def __init__(self, ctx: KDContext, *, de_weight: float = 0.05, rrd_weight: float = 0.1, rrd: dict | None = None, **de):
-        super().__init__(ctx, **de)
+    def __init__(
+        self, ctx: KDContext, *, de_weight: float = 0.05, rrd_weight: float = 0.1, rrd: dict | None = None,
+        experts: int = 30, tau_end: float = 1e-10, anneal: float = 1e10, anneal_epochs: int = 1000,
+        param_weight_decay: float = 1e-4,
+    ):
+        super().__init__(ctx, experts=experts, tau_end=tau_end, anneal=anneal, anneal_epochs=anneal_epochs,
+                         param_weight_decay=param_weight_decay)
         self.de_weight, self.rrd_weight = de_weight, rrd_weight
         self.rrd = RRD(ctx, **(rrd or {}))
 

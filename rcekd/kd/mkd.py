@@ -36,14 +36,25 @@ PARTS = ("nkd", "cpd", "sld")
 
 class Projector(nn.Module):
     """f (users) or g (items): the mean of `experts` MLPs d_S → (d_S + d_T) / 2 → ReLU → d_T (MKD's
-    code; PEFD's output ReLU could not fit signed teacher vectors, A4)."""
+    code; PEFD's output ReLU could not fit signed teacher vectors, A4). Computed as one wide MLP: the
+    experts' hidden units side by side (`hidden`), then their output layers at once, divided by M."""
 
     def __init__(self, d_in: int, d_out: int, experts: int):
         super().__init__()
         self.experts = nn.ModuleList(expert(d_in, d_out) for _ in range(experts))
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:  # [N, d_S] → [N, M·h]
+        first = [e[0] for e in self.experts]
+        return F.relu(F.linear(x, torch.cat([l.weight for l in first]), torch.cat([l.bias for l in first])))
+
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W [d_T, M·h], b [d_T]) with forward(x) = (hidden(x) Wᵀ + b) / M."""
+        last = [e[2] for e in self.experts]
+        return torch.cat([l.weight for l in last], dim=1), torch.stack([l.bias for l in last]).sum(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, d_S] → [N, d_T]
-        return torch.stack([expert(x) for expert in self.experts]).mean(0)
+        weight, bias = self.output_layer()
+        return F.linear(self.hidden(x), weight, bias) / len(self.experts)
 
 
 @torch.no_grad()
@@ -70,7 +81,8 @@ def l2_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.T
 
 
 def cpd1(f_users: torch.Tensor, g_pos: torch.Tensor, g_neg: torch.Tensor, raw_order: torch.Tensor) -> torch.Tensor:
-    """Per row max(−order(g(i⁺), g(i⁻) | f(u)) · order(i⁺, i⁻ | u), 0) (Eq. 9): [P, d_T] × 3, [P] → [P]."""
+    """Per row max(−order(g(i⁺), g(i⁻) | f(u)) · order(i⁺, i⁻ | u), 0) (Eq. 9): [P, d_T] × 3, [P] → [P].
+    The definition; MKD.loss computes the same from g's hidden units."""
     return F.relu(-(f_users * (g_pos - g_neg)).sum(-1) * raw_order)
 
 
@@ -137,13 +149,20 @@ class MKD(nn.Module):
             parts["nkd"] = (l2_distance(self.f(mixed_user[0]), mixed_user[1]).sum()
                             + l2_distance(self.g(mixed_item[0]), mixed_item[1]).sum()) / n_rows
         if "cpd" in self.parts:
+            # f(u)·g(i) = (aᵤ · hᵢ + cᵤ) / M with hᵢ = g's hidden units, aᵤ = Wᵀ f(u), cᵤ = b · f(u): only g's
+            # first layer runs on the item table (not its d_T-wide output), the same function (tested)
             frozen_users, frozen_items = user_vecs.detach(), item_table.detach()
-            f_users, g_items = self.f(frozen_users), self.g(frozen_items)  # [B, d_T], [I, d_T]
+            f_users = self.f(frozen_users)  # [B, d_T]
+            weight, bias = self.g.output_layer()
+            a, c, m = f_users @ weight, f_users @ bias, len(self.g.experts)  # [B, M·h], [B]
+            h = self.g.hidden(frozen_items)  # [I, M·h]
             raw_order = (frozen_users[inverse] * (frozen_items[pos] - frozen_items[neg])).sum(-1)  # [P]
-            parts["cpd1"] = cpd1(f_users[inverse], g_items[pos], g_items[neg], raw_order).sum() / n_rows
+            projected_order = (a[inverse] * (h[pos] - h[neg])).sum(-1) / m  # order(g(i⁺), g(i⁻) | f(u)), biases cancel
+            parts["cpd1"] = F.relu(-projected_order * raw_order).sum() / n_rows
             top = self.top[users]  # [B, N]
             target = pair_scores(frozen_users, frozen_items, top)  # r^S, the student before the projectors
-            parts["cpd2"] = soft_ce(target, pair_scores(f_users, g_items, top), tau=self.tau).sum() / n_rows
+            projected = (pair_scores(a, h, top) + c[:, None]) / m  # r^{S'} = f(u)·g(i)
+            parts["cpd2"] = soft_ce(target, projected, tau=self.tau).sum() / n_rows
         if self.sld is not None:
             parts["sld"] = self.sld.loss(users, user_vecs, item_table)["kd"]  # [B]
             kd = kd + self.weights["sld"] * parts["sld"]
