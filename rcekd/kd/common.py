@@ -178,3 +178,15 @@ def expert(d_in: int, d_out: int) -> nn.Module:
     """One projector MLP d_in → (d_in + d_out) / 2 → ReLU → d_out (the experts of DE, HTD and MKD's code)."""
     hidden = (d_in + d_out) // 2
     return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+
+def mixture_of_experts(experts: nn.ModuleList, x: torch.Tensor, choice: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_m choice_m · expert_m(x) for `expert`s (the mean when choice is None): x [N, d_in], choice [N, M]
+    → [N, d_out]. Computed as one wide MLP, the experts' hidden units side by side and weighted: two
+    matrix products instead of 2M, the same function of the same parameters."""
+    first, last = [e[0] for e in experts], [e[2] for e in experts]
+    hidden = F.relu(F.linear(x, torch.cat([l.weight for l in first]), torch.cat([l.bias for l in first])))  # [N, M·h]
+    if choice is None:
+        choice = x.new_full((len(x), len(experts)), 1.0 / len(experts))
+    weighted = (hidden.view(len(x), len(experts), -1) * choice[:, :, None]).view(len(x), -1)
+    return F.linear(weighted, torch.cat([l.weight for l in last], dim=1)) + choice @ torch.stack([l.bias for l in last])

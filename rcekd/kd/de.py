@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcekd.kd.common import KDContext, expert
+from rcekd.kd.common import KDContext, expert, mixture_of_experts
 from rcekd.kd.rrd import RRD
 
 
@@ -34,8 +34,7 @@ class Experts(nn.Module):
 
     def forward(self, student: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         """Σ_m z_m · expert_m(s): [N, d_S], [N, M] → [N, d_T]."""
-        outputs = torch.stack([e(student) for e in self.experts], dim=1)  # [N, M, d_T]
-        return (choice[..., None] * outputs).sum(1)
+        return mixture_of_experts(self.experts, student, choice)
 
 
 def seeded_experts(ctx: KDContext, experts: int) -> tuple[Experts, Experts]:

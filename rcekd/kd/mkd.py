@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcekd.kd.common import KDContext, expert, pair_scores, soft_ce
+from rcekd.kd.common import KDContext, expert, mixture_of_experts, pair_scores, soft_ce
 from rcekd.kd.sld import SLD
 
 PARTS = ("nkd", "cpd", "sld")
@@ -36,8 +36,8 @@ PARTS = ("nkd", "cpd", "sld")
 
 class Projector(nn.Module):
     """f (users) or g (items): the mean of `experts` MLPs d_S → (d_S + d_T) / 2 → ReLU → d_T (MKD's
-    code; PEFD's output ReLU could not fit signed teacher vectors, A4). Computed as one wide MLP: the
-    experts' hidden units side by side (`hidden`), then their output layers at once, divided by M."""
+    code; PEFD's output ReLU could not fit signed teacher vectors, A4), computed as one wide MLP
+    (`mixture_of_experts`); CPD reads its hidden units and output layer apart."""
 
     def __init__(self, d_in: int, d_out: int, experts: int):
         super().__init__()
@@ -53,8 +53,7 @@ class Projector(nn.Module):
         return torch.cat([l.weight for l in last], dim=1), torch.stack([l.bias for l in last]).sum(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, d_S] → [N, d_T]
-        weight, bias = self.output_layer()
-        return F.linear(self.hidden(x), weight, bias) / len(self.experts)
+        return mixture_of_experts(self.experts, x)
 
 
 @torch.no_grad()
