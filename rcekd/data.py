@@ -149,6 +149,9 @@ def preprocess(
     item_ids, raw_items = _dense_ids(df["item"])
     df = df.assign(user=user_ids, item=item_ids)
     presplit = "split" in df
+    if presplit and mode != "chronological":
+        raise ValueError(f"{raw_path}: split.mode = {mode!r}, but this source comes split into train and test "
+                         "(its own test part is kept); use split.mode chronological")
     if presplit:
         parts = carve_valid(df, share=valid_share, seed=seed)
         protocol = {"min_user": min_user, "min_item": min_item, "presplit": True, "valid_share": valid_share, "seed": seed}

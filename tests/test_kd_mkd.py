@@ -94,16 +94,32 @@ def test_nkd_without_mix_is_the_distance_of_projected_to_teacher_vectors(ctx) ->
 
 
 def test_nkd_mixes_with_a_teacher_neighbour(ctx, monkeypatch) -> None:
-    """With the mask drawn all zeros every vector is replaced by its neighbour's, on both sides."""
-    mkd = MKD(ctx, parts=["nkd"], neighbours=1, top_n=4)
-    monkeypatch.setattr(torch, "rand_like", lambda like: torch.ones_like(like))  # ≥ α everywhere: the neighbour's value
+    """Fixed draws: neighbour picks 0, 1, 2, 0, ... and uniforms alternating 0.2 / 0.8 (kept where < α = 0.5).
+    The same neighbour v mixes the student side and the teacher side, and v's student vector learns too."""
+    mkd = MKD(ctx, parts=["nkd"], neighbours=3, top_n=4)
+    picks = lambda high, size, device=None: (torch.arange(size[0]) % high).reshape(size)  # noqa: E731
+    uniforms = lambda like: torch.tensor([0.2, 0.8]).repeat(like.numel() // 2 + 1)[: like.numel()].reshape(like.shape)  # noqa: E731
     model = student()
     users, user_vecs, item_table, extra = batch(model)
     teacher_users, teacher_items = ctx.teacher.factors()
-    v, j = mkd.user_neighbours[users, 0], mkd.item_neighbours[extra["items"], 0]
-    by_hand = ((mkd.f(extra["user_table"][v]) - teacher_users[v]).norm(dim=1).sum()
-               + (mkd.g(item_table[j]) - teacher_items[j]).norm(dim=1).sum()) / 4
-    torch.testing.assert_close(mkd.loss(users, user_vecs, item_table, **extra)["nkd"], by_hand)
+
+    def mixed(ids, student_table, teacher_table, neighbours):
+        v = neighbours[ids, torch.arange(len(ids)) % 3]
+        keep_s, keep_t = ((uniforms(torch.empty(len(ids), d)) < 0.5).float() for d in (D_S, D_T))
+        return (keep_s * student_table[ids] + (1 - keep_s) * student_table[v],
+                keep_t * teacher_table[ids] + (1 - keep_t) * teacher_table[v]), v
+
+    (user_s, user_t), v = mixed(users, extra["user_table"], teacher_users, mkd.user_neighbours)
+    (item_s, item_t), _ = mixed(extra["items"], item_table, teacher_items, mkd.item_neighbours)
+    by_hand = ((mkd.f(user_s) - user_t).norm(dim=1).sum() + (mkd.g(item_s) - item_t).norm(dim=1).sum()) / 4
+    monkeypatch.setattr(torch, "randint", picks)
+    monkeypatch.setattr(torch, "rand_like", uniforms)
+    nkd = mkd.loss(users, user_vecs, item_table, **extra)["nkd"]
+    monkeypatch.undo()
+    torch.testing.assert_close(nkd, by_hand)
+    nkd.backward()
+    outside = sorted(set(v.tolist()) - set(users.tolist()))  # neighbours that are not batch users
+    assert outside and bool((model.user_emb.weight.grad[outside].abs().sum(1) > 0).all())
 
 
 def test_cpd2_is_the_ce_over_the_teachers_top_items(ctx) -> None:
@@ -182,3 +198,19 @@ def test_mkd_trains_through_the_loop(tmp_path, backbone) -> None:
                  patience=2, seed=0, device=CPU, log=lambda message: None)
     assert all({"nkd", "cpd1", "cpd2", "sld"} <= set(row) for row in result.history)
     assert all(not torch.equal(a, b) for a, b in zip(before, mkd.parameters()))  # every projector weight moved
+
+
+def test_the_loops_batches_carry_their_unique_items_and_rows() -> None:
+    """Step.items is each batch's unique(i⁺ ∪ i⁻), sorted, Step.pairs its rows, Step.user_table every user's
+    vector from the same forward, for every batch of an epoch including a short last one."""
+    splits = make_splits(TRAIN, N_USERS, N_ITEMS)
+    model = student().bind(splits.train)
+    model.full_user_table = True
+    batches = list(model.training_batches(5, torch.Generator().manual_seed(0)))
+    assert len(splits.train) % 5 and len(batches) == -(-len(splits.train) // 5)
+    for batch in batches:
+        step = model.batch_loss(batch, weight_decay=0.0)
+        inverse, pos, neg = step.pairs
+        assert torch.equal(step.items, torch.cat([batch.pos, batch.neg]).unique())
+        assert torch.equal(pos, batch.pos) and torch.equal(neg, batch.neg) and torch.equal(step.users[inverse], batch.users)
+        assert torch.equal(step.user_table, model.user_emb.weight) and torch.equal(step.user_table[step.users], step.user_vecs)

@@ -53,18 +53,30 @@ def test_de_selects_an_expert_by_the_teachers_vector() -> None:
 
 
 def test_de_loss_is_the_squared_error_of_the_selected_mixture(ctx, monkeypatch) -> None:  # noqa: F811
+    """Users weigh 1, each unique item ½ as a positive plus ½ as a negative; Gumbel noise from fixed uniforms."""
     de, model = DE(ctx, experts=4), student()
     de.prepare_epoch(model, torch.Generator())
-    assert de.tau == 1e-10 * 1e10 ** (1 - 1 / 1000)
-    monkeypatch.setattr(torch, "rand_like", lambda like: torch.full_like(like, 0.5))  # the same Gumbel noise everywhere
+    de.tau = 0.5  # a temperature at which the choice is soft (the first epoch's is about 1)
+    uniforms = lambda like: torch.linspace(0.05, 0.95, like.numel()).reshape(like.shape)  # noqa: E731
+    monkeypatch.setattr(torch, "rand_like", uniforms)
     users, user_vecs, item_table, extra = batch(model)
+    inverse, pos, neg = extra["pairs"]
+    pos, neg = pos.clone(), neg.clone()
+    neg[0] = pos[1]  # item 2 is a positive and a negative: weight 1
+    extra["pairs"], extra["items"] = (inverse, pos, neg), torch.cat([pos, neg]).unique()
     teacher_users, teacher_items = ctx.teacher.factors()
+    items = extra["items"]
+    weights = torch.tensor([0.5 * (i in pos.tolist()) + 0.5 * (i in neg.tolist()) for i in items.tolist()])
     total = 0.0
-    for side, s, t in ((de.user_experts, user_vecs, teacher_users[users]), (de.item_experts, item_table[extra["items"]], teacher_items[extra["items"]])):
-        z = F.softmax(F.log_softmax(side.selector(t), -1) / de.tau, -1)  # equal noise shifts every logit alike
-        total = total + (t - sum(z[:, [m]] * side.experts[m](s) for m in range(4))).square().sum()
-    parts = de.loss(users, user_vecs, item_table, pairs=extra["pairs"], items=extra["items"])
-    torch.testing.assert_close(parts["de"], total / 4)
+    for side, s, t, w in ((de.user_experts, user_vecs, teacher_users[users], torch.ones(len(users))),
+                          (de.item_experts, item_table[items], teacher_items[items], weights)):
+        logits = F.log_softmax(side.selector(t), -1)
+        z = F.softmax((logits - torch.log(-torch.log(uniforms(logits)))) / 0.5, -1)
+        mixture = sum(z[:, [m]] * side.experts[m](s) for m in range(4))
+        total = total + ((t - mixture).square().sum(1) * w).sum()
+    parts = de.loss(users, user_vecs, item_table, pairs=extra["pairs"], items=items)
+    torch.testing.assert_close(parts["de"], total / 4)  # 4 rows
+    assert weights.tolist().count(1.0) == 1
     parts["kd"].mean().backward()
     assert all(p.grad is not None for p in de.parameters()) and model.user_emb.weight.grad.abs().sum() > 0
 
@@ -83,10 +95,20 @@ def test_topology_by_hand() -> None:
 
 
 def test_htd_mixes_topology_and_alignment(ctx) -> None:  # noqa: F811
+    """L_TD on users and items together, grouped by each side's selector (item groups after the users'),
+    L_GA as DE's with every unique item weighing 1, each over the batch's rows."""
     htd, model = HTD(ctx, groups=3, alpha=0.9), student()
     htd.prepare_epoch(model, torch.Generator())
     assert htd.tau == 10 ** (-10 / 1000)
     users, user_vecs, item_table, extra = batch(model)
-    parts = htd.loss(users, user_vecs, item_table, pairs=extra["pairs"], items=extra["items"])
+    items = extra["items"]
+    teacher_users, teacher_items = ctx.teacher.factors()
+    with torch.no_grad():
+        groups = torch.cat([htd.user_experts.selector(teacher_users[users]).argmax(-1),
+                            htd.item_experts.selector(teacher_items[items]).argmax(-1) + 3])
+        td = topology(torch.cat([user_vecs, item_table[items]]), torch.cat([teacher_users[users], teacher_items[items]]),
+                      groups, 6, "second") / 4
+    parts = htd.loss(users, user_vecs, item_table, pairs=extra["pairs"], items=items)
+    torch.testing.assert_close(parts["td"].detach(), td)
     torch.testing.assert_close(parts["kd"][0], 0.9 * parts["td"] + 0.1 * parts["ga"])
     assert parts["td"] > 0 and parts["ga"] > 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -190,3 +192,14 @@ def mixture_of_experts(experts: nn.ModuleList, x: torch.Tensor, choice: torch.Te
         choice = x.new_full((len(x), len(experts)), 1.0 / len(experts))
     weighted = (hidden.view(len(x), len(experts), -1) * choice[:, :, None]).view(len(x), -1)
     return F.linear(weighted, torch.cat([l.weight for l in last], dim=1)) + choice @ torch.stack([l.bias for l in last])
+
+
+@contextlib.contextmanager
+def own_initialisation(seed: int, name: str) -> Iterator[None]:
+    """A method's own parameters created inside are initialised from `seed` and `name` only: torch's CPU
+    generator is seeded with a number derived from both (so not the student's stream, which starts from
+    `seed` itself) and restored afterwards; no CUDA generator is touched (modules start on the CPU)."""
+    derived = int.from_bytes(hashlib.sha256(f"{name}:{seed}".encode()).digest()[:8], "little")
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(derived)
+        yield

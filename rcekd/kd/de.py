@@ -2,10 +2,12 @@
 them (MKD.md §1.7): per side (users, items), M experts d_S → (d_S + d_T) / 2 → ReLU → d_T and a
 selection network on the teacher's vector, z = softmax((log softmax(W t + b) + Gumbel) / τ_e), with
 τ_e = max(τ_end · a^(1 − e / E), τ_end) annealed over epochs (from τ_end · a towards a hard choice);
-L_DE = Σ ‖t − Σ_m z_m · expert_m(s)‖² over the batch's unique users and unique items i⁺ ∪ i⁻ (as MKD's
-NKD; the code weighs unique i⁺ and unique i⁻ by ½ each), divided by the batch's rows (BPR's divisor).
+L_DE = Σ ‖t − Σ_m z_m · expert_m(s)‖² over the batch's unique users + ½ (unique i⁺ + unique i⁻),
+divided by the batch's rows (BPR's divisor).
 `de_rrd` adds RRD (kd.rrd's method, reused): "kd" = λ_DE · L_DE + λ_RRD · RRD_u. The experts and the
-selectors are the method's parameters (their own Adam group, weight decay `param_weight_decay`)."""
+selectors are the method's parameters (their own Adam group, weight decay `param_weight_decay`; the
+authors' one weight decay for experts and student is not kept: the student keeps rcekd's L2 on the
+embeddings a batch uses)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcekd.kd.common import KDContext, expert, mixture_of_experts
+from rcekd.kd.common import KDContext, expert, mixture_of_experts, own_initialisation
 from rcekd.kd.rrd import RRD
 
 
@@ -42,8 +44,7 @@ def seeded_experts(ctx: KDContext, experts: int) -> tuple[Experts, Experts]:
     if ctx.student_dim is None:
         raise ValueError("the student's dimension is unknown (KDContext.student_dim)")
     d_teacher = ctx.teacher.factors()[0].shape[1]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(ctx.seed)
+    with own_initialisation(ctx.seed, "experts"):
         return Experts(ctx.student_dim, d_teacher, experts), Experts(ctx.student_dim, d_teacher, experts)
 
 
@@ -69,17 +70,28 @@ class DE(nn.Module):
         self.tau = max(self.tau_end * self.anneal ** (1 - self.epoch / self.anneal_epochs), self.tau_end)
         return {"tau": self.tau}
 
-    def de_sum(self, users: torch.Tensor, user_vecs: torch.Tensor, item_table: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Σ ‖t − Σ_m z_m · expert_m(s)‖² over the unique users and items (a scalar)."""
+    def de_sum(self, users: torch.Tensor, user_vecs: torch.Tensor, item_table: torch.Tensor, items: torch.Tensor,
+               item_weights: torch.Tensor) -> torch.Tensor:
+        """Σ ‖t − Σ_m z_m · expert_m(s)‖² over the unique users, and over the unique items weighted by
+        `item_weights` [J] (a scalar)."""
         total = user_vecs.new_zeros(())
-        for side, student, teacher in ((self.user_experts, user_vecs, self.teacher_users[users]),
-                                       (self.item_experts, item_table[items], self.teacher_items[items])):
-            total = total + (teacher - side(student, side.select(teacher, self.tau))).square().sum()
+        for side, student, teacher, weights in ((self.user_experts, user_vecs, self.teacher_users[users], None),
+                                                (self.item_experts, item_table[items], self.teacher_items[items], item_weights)):
+            errors = (teacher - side(student, side.select(teacher, self.tau))).square().sum(-1)  # [N]
+            total = total + (errors.sum() if weights is None else (errors * weights).sum())
         return total
+
+    def item_weights(self, pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], items: torch.Tensor) -> torch.Tensor:
+        """[J] ½ for each unique item among the positives plus ½ among the negatives (the authors' code:
+        unique users + ½ (unique i⁺ + unique i⁻)), from membership marks, with no host sync."""
+        _, pos, neg = pairs
+        marks = torch.zeros(2, self.ctx.n_items, device=items.device)
+        marks[0, pos], marks[1, neg] = 0.5, 0.5
+        return marks[:, items].sum(0)
 
     def loss(self, users: torch.Tensor, user_vecs: torch.Tensor, item_table: torch.Tensor, *,
              pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], items: torch.Tensor) -> dict[str, torch.Tensor]:
-        de = self.de_sum(users, user_vecs, item_table, items) / len(pairs[1])
+        de = self.de_sum(users, user_vecs, item_table, items, self.item_weights(pairs, items)) / len(pairs[1])
         return {"kd": de.expand(len(users)), "de": de}
 
 

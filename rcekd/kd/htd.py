@@ -1,16 +1,15 @@
 """HTD (Kang et al., 2021, Hierarchical Topology Distillation), as the authors' KD framework computes it
 (MKD.md §1.7): per side (users, items), DE's experts and selector (rcekd/kd/de.py) with τ_e =
-10^(−10 e / E), whose hard choice z = argmax selector(t) groups the batch's entities. On the batch's
-unique users, and on its unique items i⁺ ∪ i⁻, with cosines of the raw student vectors s and teacher
-vectors t:
+10^(−10 e / E), whose hard choice z = argmax selector(t) groups the batch's entities (G user groups and
+G item groups). On the batch's unique users and unique items i⁺ ∪ i⁻ together, with cosines of the raw
+student vectors s and teacher vectors t:
 - entity level: Σ (cos_s − cos_t)² over pairs of distinct entities of one group whose teacher cosine
   is positive;
 - group level: the group prototypes (the mean vector of the group's entities in the batch, no
   gradient), their relations to every entity (`choice: second`, (P, e)) or to each other
   (`choice: first`, (P, P)), (cos_s − cos_t)² summed;
 - L_GA: DE's Σ ‖t − Σ_m z_m · expert_m(s)‖².
-L = α L_TD + (1 − α) L_GA, divided by the batch's rows (BPR's divisor). Topology per side (users among
-users, items among items) is our reading of "users ∪ items"."""
+L = α L_TD + (1 − α) L_GA, divided by the batch's rows (BPR's divisor)."""
 
 from __future__ import annotations
 
@@ -61,19 +60,14 @@ class HTD(DE):
 
     def loss(self, users: torch.Tensor, user_vecs: torch.Tensor, item_table: torch.Tensor, *,
              pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], items: torch.Tensor) -> dict[str, torch.Tensor]:
-        td = user_vecs.new_zeros(())
-        for side, student, teacher in ((self.user_experts, user_vecs, self.teacher_users[users]),
-                                       (self.item_experts, item_table[items], self.teacher_items[items])):
-            with torch.no_grad():
-                groups = self.selector_groups(side, teacher)
-            td = td + topology(student, teacher, groups, self.groups, self.choice)
-        ga = self.de_sum(users, user_vecs, item_table, items)
+        teacher_users, teacher_items = self.teacher_users[users], self.teacher_items[items]
+        with torch.no_grad():  # users' groups 0..G−1, items' G..2G−1: one set of entities, as the authors' code
+            groups = torch.cat([self.user_experts.selector(teacher_users).argmax(-1),
+                                self.item_experts.selector(teacher_items).argmax(-1) + self.groups])
+        td = topology(torch.cat([user_vecs, item_table[items]]), torch.cat([teacher_users, teacher_items]),
+                      groups, 2 * self.groups, self.choice)
+        ga = self.de_sum(users, user_vecs, item_table, items, torch.ones_like(items, dtype=user_vecs.dtype))
         rows = len(pairs[1])
         td, ga = td / rows, ga / rows
         total = self.alpha * td + (1 - self.alpha) * ga
         return {"kd": total.expand(len(users)), "td": td, "ga": ga}
-
-    @staticmethod
-    def selector_groups(side: nn.Module, teacher: torch.Tensor) -> torch.Tensor:
-        """Each entity's group [N]: the selector's hard choice on its teacher vector."""
-        return side.selector(teacher).argmax(-1)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcekd.kd.common import KDContext, expert, mixture_of_experts, pair_scores, soft_ce
+from rcekd.kd.common import KDContext, expert, mixture_of_experts, own_initialisation, pair_scores, soft_ce
 from rcekd.kd.sld import SLD
 
 PARTS = ("nkd", "cpd", "sld")
@@ -108,8 +108,7 @@ class MKD(nn.Module):
         self.wants = ("pairs", "user_table")
         teacher_users, teacher_items = ctx.teacher.factors()  # [U, d_T], [I, d_T]
         self.teacher_users, self.teacher_items = teacher_users, teacher_items
-        with torch.random.fork_rng(devices=[]):  # the projectors' initial weights follow the run's seed only
-            torch.manual_seed(ctx.seed)
+        with own_initialisation(ctx.seed, "mkd"):  # the projectors' initial weights follow the run's seed only
             self.f = Projector(ctx.student_dim, teacher_users.shape[1], experts)
             self.g = Projector(ctx.student_dim, teacher_users.shape[1], experts)
         self.user_neighbours = cosine_neighbours(teacher_users, neighbours, ctx.chunk)  # [U, K], once (Eq. 2)

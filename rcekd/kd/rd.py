@@ -4,7 +4,8 @@ rank weights w_r ∝ exp(−r / T) (r = 1..K); from epoch `dynamic_from` on they
 max(tanh(μ (r̂_r − r + 1)), 0), r̂_r the student's rank of π_r estimated each epoch from `n` uniform
 non-training items (r̂ = ⌊(|I| − 1) · #{sampled items scored above} / n⌋ + 1), so that items the student
 already ranks high weigh less; each user's weights are then L1-normalised. `dynamic_from` is ours (the
-paper starts the dynamic weights "after a few epochs")."""
+paper starts the dynamic weights "after a few epochs"), and so is r̂ being fixed for the epoch (the
+authors' code scores its samples with the current student at every step)."""
 
 from __future__ import annotations
 
