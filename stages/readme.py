@@ -101,8 +101,8 @@ def _percent(compared: dict) -> str:
 
 def tuning_block(folder: Path) -> str:
     """One row per search CSV of `folder`: the chosen trial (best validation NDCG@20) and the budget spent."""
-    lines = [f"From the searches' files in `{folder}/` (validation only; the chosen values are in params.yaml):", "",
-             "| method | trials | chosen values | best valid NDCG@20 | other trials' range | best epoch / epochs | file |",
+    lines = [f"From the searches' files in `{folder}/` (validation only; a method's values are the best over its search and its `_edge` search, in params.yaml):", "",
+             "| search | trials | best trial's values | best valid NDCG@20 | other trials' range | best epoch / epochs | file |",
              "|---|---:|---|---:|---:|---:|---|"]
     files = sorted(folder.glob("*.csv"), key=lambda path: (not path.stem.startswith("student"), path.stem))
     for path in files:
