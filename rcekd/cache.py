@@ -4,8 +4,10 @@ A cache directory holds
 - the scores, in one of three stores (params `cache.store`):
   `float32`: `scores.f32`, the full |U|×|I| score matrix, raw, row-major (Gowalla: 4.9 GB);
   `float16`: `scores.f16`, the same at half precision (half the disk and reads);
-  `factors`: `users.f32` [|U|, D] and `items.f32` [|I|, D], the teacher's final user vectors and item
-  table, whose products are its scores (MF dim 400 on Gowalla: 0.11 GB); rows are computed on read;
+  `factors`: only the factors below, whose products are the scores (MF dim 400 on Gowalla: 0.11 GB);
+  rows are computed on read;
+- `users.f32` [|U|, D] and `items.f32` [|I|, D]: the teacher's final user vectors and item table, in
+  every store (the representations that feature-level methods such as MKD distil);
 - `topk.parquet`: per user the teacher's top-K items among non-training items, with scores (always
   from the float32 scores);
 - `meta.json`: store, shape, K, the split fingerprint and the teacher checkpoint's sha256.
@@ -30,7 +32,7 @@ from rcekd.evaluate import score_chunks
 from rcekd.io import atomic_path, read_json, write_json
 from rcekd.sparse import UserItems
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: factors in every store
 TOPK_SCHEMA = pa.schema([("user", pa.int32()), ("rank", pa.int16()), ("item", pa.int32()), ("score", pa.float32())])
 SCORE_FILES = {"float32": ("scores.f32", np.float32), "float16": ("scores.f16", np.float16)}
 STORES = (*SCORE_FILES, "factors")
@@ -81,11 +83,11 @@ def write_cache(
     extra: dict = {}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
+        user_vecs, item_table = encode_all(teacher, splits.n_users, chunk=chunk, device=device)  # in every store
+        (tmp / "users.f32").write_bytes(user_vecs.float().cpu().numpy().tobytes())
+        (tmp / "items.f32").write_bytes(item_table.float().cpu().numpy().tobytes())
+        extra["dim"] = int(user_vecs.shape[1])
         if store == "factors":
-            user_vecs, item_table = encode_all(teacher, splits.n_users, chunk=chunk, device=device)
-            (tmp / "users.f32").write_bytes(user_vecs.float().cpu().numpy().tobytes())
-            (tmp / "items.f32").write_bytes(item_table.float().cpu().numpy().tobytes())
-            extra["dim"] = int(user_vecs.shape[1])
             blocks = product_chunks(user_vecs, item_table, chunk)
             handle = None
         else:
@@ -166,16 +168,16 @@ class TeacherCache:
         store = meta.get("store")
         if store not in STORES:
             problems.append(f"store {store!r} (expected one of {', '.join(STORES)})")
-        elif store == "factors":
+        else:
             dim = meta.get("dim")
             files = {"users.f32": splits.n_users, "items.f32": splits.n_items}
             if not isinstance(dim, int) or dim < 1:
                 problems.append(f"dim {dim!r} (expected an integer >= 1)")
             else:
                 problems += _size_problems(directory, {name: rows * dim * 4 for name, rows in files.items()})
-        else:
-            name, dtype = SCORE_FILES[store]
-            problems += _size_problems(directory, {name: splits.n_users * splits.n_items * np.dtype(dtype).itemsize})
+            if store != "factors":
+                name, dtype = SCORE_FILES[store]
+                problems += _size_problems(directory, {name: splits.n_users * splits.n_items * np.dtype(dtype).itemsize})
         if problems:
             raise ValueError(f"{directory}: teacher cache does not match: " + "; ".join(problems))
         self.meta = meta
@@ -184,10 +186,9 @@ class TeacherCache:
         self.n_users, self.n_items = expected_shape
         self.device = device
         self.chunk = chunk
+        self._factors: tuple[torch.Tensor, torch.Tensor] | None = None
         if store == "factors":
-            read = lambda name, rows: torch.from_numpy(np.fromfile(directory / name, dtype=np.float32).reshape(rows, -1))
-            self.user_vecs = read("users.f32", self.n_users).to(device)
-            self.item_table = read("items.f32", self.n_items).to(device)
+            self.user_vecs, self.item_table = self.factors()
         else:
             self.path, self.dtype = directory / SCORE_FILES[store][0], np.dtype(SCORE_FILES[store][1])
         self.resident: torch.Tensor | None = None  # [U, I] float32 on the device
@@ -197,6 +198,13 @@ class TeacherCache:
                 end = min(start + chunk, self.n_users)
                 scores[start:end] = self.rows(start, end)
             self.resident = scores
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's final user vectors [U, D] and item table [I, D] (every store holds them), read once."""
+        if self._factors is None:
+            read = lambda name, rows: torch.from_numpy(np.fromfile(self.directory / name, dtype=np.float32).reshape(rows, -1))
+            self._factors = read("users.f32", self.n_users).to(self.device), read("items.f32", self.n_items).to(self.device)
+        return self._factors
 
     def rows(self, start: int, end: int) -> torch.Tensor:
         """Teacher scores of users [start, end) for all items: [end - start, I]."""

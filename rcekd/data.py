@@ -68,6 +68,22 @@ def chrono_split(df: pd.DataFrame, *, train: float, valid: float) -> dict[str, p
     }
 
 
+def holdout_split(df: pd.DataFrame, *, holdout: float, valid_users: float, seed: int) -> dict[str, pd.DataFrame]:
+    """MKD's protocol (UnKD's split): per user a seeded random ⌊holdout · n⌋ interactions held out (at
+    least one kept in train, at least one held out where n > 1), then a seeded random share `valid_users`
+    of the users whose held-out items are validation targets; the other users' are test targets."""
+    rng = np.random.default_rng(seed)
+    keys = rng.random(len(df))
+    rank = pd.Series(keys, index=df.index).groupby(df["user"].to_numpy()).rank(method="first").to_numpy() - 1
+    n = df["user"].map(df["user"].value_counts()).to_numpy()
+    n_held = np.where(n > 1, np.clip(np.floor(holdout * n + 1e-6), 1, n - 1), 0)
+    held = rank < n_held
+    users = np.sort(df["user"].unique())
+    valid_set = set(rng.permutation(users)[: int(round(valid_users * len(users)))].tolist())
+    in_valid = df["user"].isin(valid_set).to_numpy()
+    return {"train": df[~held], "valid": df[held & in_valid], "test": df[held & ~in_valid]}
+
+
 def carve_valid(df: pd.DataFrame, *, share: float, seed: int) -> dict[str, pd.DataFrame]:
     """For data published pre-split (a `split` column): keep its test part, and move a seeded random
     ⌊share · n⌋ of each user's training interactions to validation (at least one stays in train)."""
@@ -106,12 +122,20 @@ def preprocess(
     source_options: dict | None = None,
     valid_share: float = 1 / 9,
     seed: int = 0,
+    mode: str = "chronological",
+    holdout: float = 0.1,
+    valid_users: float = 0.1,
+    split_seed: int = 0,
 ) -> dict:
     """Read a raw source, filter, split, re-index and write the processed directory. Returns stats.
 
-    Sources with timestamps (or a file order) get the per-user chronological split (train, valid);
-    sources published pre-split keep their test part and carve validation from training (valid_share).
+    Sources with timestamps (or a file order) get the per-user chronological split (train, valid), or
+    with mode "holdout" MKD's random per-user holdout with validation and test users (holdout,
+    valid_users, split_seed); sources published pre-split keep their test part and carve validation
+    from training (valid_share).
     """
+    if mode not in ("chronological", "holdout"):
+        raise ValueError(f"split.mode = {mode!r}: expected chronological or holdout")
     if source not in SOURCES:
         raise ValueError(f"unknown dataset source {source!r}; expected one of {sorted(SOURCES)}")
     if not (0 < train < 1 and 0 <= valid < 1 and train + valid < 1):
@@ -125,9 +149,16 @@ def preprocess(
     item_ids, raw_items = _dense_ids(df["item"])
     df = df.assign(user=user_ids, item=item_ids)
     presplit = "split" in df
+    if presplit and mode != "chronological":
+        raise ValueError(f"{raw_path}: split.mode = {mode!r}, but this source comes split into train and test "
+                         "(its own test part is kept); use split.mode chronological")
     if presplit:
         parts = carve_valid(df, share=valid_share, seed=seed)
         protocol = {"min_user": min_user, "min_item": min_item, "presplit": True, "valid_share": valid_share, "seed": seed}
+    elif mode == "holdout":
+        parts = holdout_split(df, holdout=holdout, valid_users=valid_users, seed=split_seed)
+        protocol = {"min_user": min_user, "min_item": min_item, "mode": mode, "holdout": holdout,
+                    "valid_users": valid_users, "seed": split_seed}
     else:
         parts = chrono_split(df, train=train, valid=valid)
         protocol = {"min_user": min_user, "min_item": min_item, "train": train, "valid": valid}

@@ -73,11 +73,11 @@ def full_ranking(
     chunk: int = EVAL_CHUNK,
     device: torch.device = torch.device("cpu"),
 ) -> dict[str, float]:
-    """Mean Recall@k / NDCG@k over users with at least one target, ranking all non-excluded items.
+    """Mean Precision@k / Recall@k / NDCG@k over users with at least one target, ranking all non-excluded items.
 
     Only those users are scored. Ties between scores are ordered as `torch.topk` orders them (the
     order within the top-N list decides NDCG when two items score exactly alike). Sums are float64."""
-    sums = {f"{m}@{k}": torch.zeros((), dtype=torch.float64, device=device) for k in ks for m in ("recall", "ndcg")}
+    sums = {f"{m}@{k}": torch.zeros((), dtype=torch.float64, device=device) for k in ks for m in ("precision", "recall", "ndcg")}
     evaluated = torch.nonzero(targets.counts > 0).squeeze(1).to(device)  # [n]
     for users, scores in score_batches(model, evaluated.split(chunk), exclude=exclude):
         top = scores.topk(max(ks), dim=1).indices  # [B, N]

@@ -6,11 +6,11 @@ import torch
 
 
 def ranking_metrics(hits: torch.Tensor, n_targets: torch.Tensor, ks: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """Per-user Recall@k and NDCG@k.
+    """Per-user Precision@k, Recall@k and NDCG@k.
 
     hits: [B, N] bool, hits[b, r] = the item ranked r-th (0-based) for user b is a target; N >= max(ks).
     n_targets: [B] number of targets of each user (> 0).
-    Recall@k = hits in top-k / n_targets; NDCG@k = DCG@k / IDCG@k with IDCG over min(n_targets, k) hits.
+    Precision@k = hits in top-k / k; Recall@k = hits in top-k / n_targets; NDCG@k = DCG@k / IDCG@k with IDCG over min(n_targets, k) hits.
     """
     if hits.shape[1] < max(ks):
         raise ValueError(f"hit matrix has {hits.shape[1]} ranks, fewer than the largest cut-off {max(ks)}")
@@ -21,6 +21,7 @@ def ranking_metrics(hits: torch.Tensor, n_targets: torch.Tensor, ks: tuple[int, 
     out = {}
     for k in ks:
         top = hits[:, :k]
+        out[f"precision@{k}"] = top.sum(1) / k
         out[f"recall@{k}"] = top.sum(1) / n_targets
         ideal_k = ideal[(n_targets.clamp(max=k) - 1).long()]
         out[f"ndcg@{k}"] = (top * discount[:k]).sum(1) / ideal_k

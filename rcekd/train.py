@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from rcekd.backbones.base import Backbone, bpr_loss, sample_negatives  # noqa: F401 (re-exported)
+from rcekd.backbones.base import Backbone, PairwiseBPR, bpr_loss, sample_negatives  # noqa: F401 (re-exported)
 from rcekd.data import Splits
 from rcekd.evaluate import EVAL_CHUNK, full_ranking
 from rcekd.io import atomic_path
@@ -34,13 +34,22 @@ from rcekd.sparse import UserItems
 
 
 class KDMethod(Protocol):
-    """What the loop needs from a distillation method (see rcekd/kd)."""
+    """What the loop needs from a distillation method (see rcekd/kd).
+
+    A method that also reads the batch's training rows and unique items, or every user's vector from
+    the same forward, names them in `wants` ("pairs", "user_table"); `loss` then gets them as keyword
+    arguments (pairwise backbones only). A method that is an `nn.Module` (projectors) has its
+    parameters trained by the same Adam, as their own group with weight decay `param_weight_decay`,
+    and saved in the resume state."""
 
     def prepare_epoch(self, student: nn.Module, generator: torch.Generator) -> dict[str, float]: ...
 
     def loss(
         self, users: torch.Tensor, user_vecs: torch.Tensor, item_table: torch.Tensor
     ) -> dict[str, torch.Tensor]: ...
+
+
+WANTS = ("pairs", "user_table")
 
 
 @dataclass
@@ -72,17 +81,29 @@ def fit(
     resume_path: str | Path | None = None,
     resume_key: str = "",
     resume_every: float = 60.0,
+    select: str = "ndcg@20",
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
 ) -> FitResult:
     if kd_reduction not in ("users", "rows"):
         raise ValueError(f"kd_reduction = {kd_reduction!r}: expected 'users' or 'rows'")
+    if select not in ("ndcg@20", "recall@20"):
+        raise ValueError(f"select = {select!r}: expected 'ndcg@20' or 'recall@20'")
     deterministic(device)
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     model.bind(splits.train).to(device).train()
+    wants = set(getattr(kd, "wants", ()))
+    if wants - set(WANTS) or (wants and not isinstance(model, PairwiseBPR)):
+        raise ValueError(f"{type(kd).__name__} wants {sorted(wants)}: the loop gives {', '.join(WANTS)}, "
+                         f"to pairwise backbones (MF, LightGCN) only, not {type(model).__name__}")
+    model.full_user_table = "user_table" in wants
     train_items = UserItems(splits.train, splits.n_users, splits.n_items, device)
     valid_items = UserItems(splits.valid, splits.n_users, splits.n_items, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
+    groups = [{"params": list(model.parameters())}]
+    if isinstance(kd, nn.Module):  # the method's own parameters (projectors), with their own weight decay
+        kd.to(device).train()
+        groups.append({"params": list(kd.parameters()), "weight_decay": float(getattr(kd, "param_weight_decay", 0.0))})
+    optimizer = torch.optim.Adam(groups, lr=lr, fused=device.type in ("cpu", "cuda"))
 
     best = FitResult(best_state=copy.deepcopy(model.state_dict()), best_epoch=0, best_valid={}, epochs_run=0)
     best_ndcg, since_best, first = -1.0, 0, 1
@@ -90,6 +111,8 @@ def fit(
     state = load_resume(resume_path, resume_key, log) if resume_path is not None else None
     if state is not None:
         model.load_state_dict(state["model"])
+        if isinstance(kd, nn.Module):
+            kd.load_state_dict(state["kd_module"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_states(generator, state["rng"])
         best = FitResult(**state["best"])
@@ -120,6 +143,8 @@ def fit(
             n_batches += 1
         sums = {name: float(total) for name, total in sums.items()}
         check_finite(epoch, sums, prep, model)
+        if isinstance(kd, nn.Module):
+            check_finite(epoch, {}, {}, kd)
         train_seconds = time.perf_counter() - started
 
         valid = full_ranking(model, valid_items, exclude=[train_items], chunk=eval_chunk, device=device)
@@ -138,9 +163,9 @@ def fit(
             "epoch_seconds": time.perf_counter() - started,
         }
         best.history.append(row)
-        improved = valid["ndcg@20"] > best_ndcg
+        improved = valid[select] > best_ndcg  # the selection metric (validation NDCG@20 unless train.select)
         if improved:
-            best_ndcg, since_best = valid["ndcg@20"], 0
+            best_ndcg, since_best = valid[select], 0
             best.best_state = copy.deepcopy(model.state_dict())
             best.best_epoch, best.best_valid = epoch, valid
         else:
@@ -149,7 +174,7 @@ def fit(
         log(
             f"epoch {epoch:4d}  loss {row['loss']:.4f}"
             + "".join(f"  {k} {row[k]:.4f}" for k in [*sums, *prep] if k != "loss")
-            + f"  valid ndcg@20 {valid['ndcg@20']:.4f}{' *' if improved else '  '}"
+            + f"  valid {select} {valid[select]:.4f}{' *' if improved else '  '}"
             + f"  best {best_ndcg:.4f}@{best.best_epoch}  {row['epoch_seconds']:.1f}s"
         )
         if history_path is not None and epoch % 10 == 0:
@@ -159,12 +184,13 @@ def fit(
             carried = {name: carried_state(obj) for name, obj in stateful.items()}
             save_resume(resume_path, {
                 "key": resume_key, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                **({"kd_module": kd.state_dict()} if isinstance(kd, nn.Module) else {}),
                 "rng": rng_states(generator), "best": vars(best), "best_ndcg": best_ndcg, "since_best": since_best,
                 "carried": carried,
             })
             saved_at = time.monotonic()
         if since_best >= patience:
-            log(f"early stop: no validation NDCG@20 improvement for {patience} epochs")
+            log(f"early stop: no validation {select} improvement for {patience} epochs")
             break
     if history_path is not None:
         write_history(history_path, best.history)
@@ -183,7 +209,10 @@ def step_loss(
     parts = {"base": step.base}
     loss = step.base
     if kd is not None:
-        kd_parts = kd.loss(step.users, step.user_vecs, step.item_table)
+        extra = {}
+        for want in getattr(kd, "wants", ()):
+            extra |= {"pairs": {"pairs": step.pairs, "items": step.items}, "user_table": {"user_table": step.user_table}}[want]
+        kd_parts = kd.loss(step.users, step.user_vecs, step.item_table, **extra)
         per_user = kd_parts["kd"]  # [U_b]
         if kd_reduction == "rows":  # each user weighs by its rows in the batch (the authors' code)
             per_user = per_user * step.rows * (len(step.users) / step.rows.sum().clamp(min=1))

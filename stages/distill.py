@@ -9,6 +9,7 @@ import torch
 import typer
 
 from rcekd.backbones import BACKBONES
+from rcekd.backbones.base import PairwiseBPR
 from rcekd.cache import TeacherCache, fits_on_device
 from rcekd.checkpoint import save_checkpoint
 from rcekd.data import load_splits
@@ -92,13 +93,17 @@ def main(
             return fit(model, splits, kd=method_, kd_weight=weight, kd_reduction=reduction, device=device, **options)
 
         context = KDContext(
-            scores, train_items, splits.n_users, splits.n_items, device, options["eval_chunk"], lists, build_student, fit_student
+            scores, train_items, splits.n_users, splits.n_items, device, options["eval_chunk"], lists, build_student, fit_student,
+            student_dim=spec.model.get("dim"), seed=options["seed"],
         )
         recorder, settings = None, None
         if diagnostics is not None:
             settings = kwargs_for(RankingDiagnostics.__init__, section(all_params, "diagnostics", params), "diagnostics", skip=("seed", "device"))
             recorder = RankingDiagnostics(scores, train_items, seed=options["seed"], device=device, **settings)
         kd = kd_class(context, **kd_params)
+        if getattr(kd, "wants", ()) and not issubclass(BACKBONES[student], PairwiseBPR):
+            raise ParamsError(f"{params}: kd.{method} ({registered}) reads the batch's training pairs: the student "
+                              f"must be a pairwise backbone (mf, lightgcn), not {student}")
         teacher_sha256 = scores.meta["teacher_sha256"]
         resume = resume_options(out, {
             "stage": "distill", "method": method, "kd": section(all_params, f"kd.{method}", params), "spec": vars(spec), **options,

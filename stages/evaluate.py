@@ -24,19 +24,20 @@ def main(
     history: Path = typer.Option(None, help="The run's history CSV, to report its mean seconds per epoch."),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Recall/NDCG@10,20 on valid and test at the checkpoint's best validation epoch (params: evaluate)."""
+    """Precision/Recall/NDCG at evaluate.ks (10, 20) on valid and test at the checkpoint's best validation epoch (params: evaluate)."""
     try:
         all_params = load_params(params)
         exclude_valid = section(all_params, "evaluate.exclude_valid_in_test", params)  # a bool: checked by load_params
+        ks = tuple(section(all_params, "evaluate", params).get("ks", (10, 20)))  # checked by load_params
         device = resolve_device(section(all_params, "device", params))
         splits = load_splits(data)
         model, meta = load_checkpoint(checkpoint, splits=splits, device=device)
     except (ParamsError, ValueError, FileNotFoundError) as err:
         fail(err)
     known = {name: UserItems(splits.pairs(name), splits.n_users, splits.n_items, device) for name in ("train", "valid", "test")}
-    valid = full_ranking(model, known["valid"], exclude=[known["train"]], device=device)
+    valid = full_ranking(model, known["valid"], exclude=[known["train"]], ks=ks, device=device)
     test_exclude = [known["train"], known["valid"]] if exclude_valid else [known["train"]]
-    test = full_ranking(model, known["test"], exclude=test_exclude, device=device)
+    test = full_ranking(model, known["test"], exclude=test_exclude, ks=ks, device=device)
     result = {"test": test, "valid": valid, "best_epoch": meta["best_epoch"], "epochs_run": meta["epochs_run"]}
     result.update({key: meta[key] for key in ("peak_rss_mb", "peak_gpu_mb") if key in meta})  # the training run's
     if history is not None and history.exists():

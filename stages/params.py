@@ -56,17 +56,21 @@ SEEDS: tuple[str, Rule] = (
     lambda v: isinstance(v, list) and v != [] and all(INT_GE0[1](x) for x in v) and len(set(v)) == len(v),
 )
 DEVICE: tuple[str, Rule] = ("auto, cpu, cuda or cuda:<index>", lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())))
+SPLIT_MODE: tuple[str, Rule] = ("chronological or holdout", lambda v: v in ("chronological", "holdout"))
+SELECT: tuple[str, Rule] = ("ndcg@20 or recall@20", lambda v: v in ("ndcg@20", "recall@20"))
+KS: tuple[str, Rule] = ("a list of distinct integers >= 1 with 20 among them", lambda v: SEEDS[1](v) and 20 in v and 0 not in v)
 SCHEMA: dict[str, Any] = {
     "seed": INT_GE0,
     "device": DEVICE,
     "dataset": NAME,
     "datasets": dict,
-    "split": {"train": SHARE, "valid": SHARE},
-    "train": {"batch_size": INT_GE1, "lr": NUMBER_GE0, "max_epochs": INT_GE1, "patience": INT_GE1, "eval_chunk": INT_GE1, "resume_every": NUMBER_GE0},
+    "split": {"mode": SPLIT_MODE, "train": SHARE, "valid": SHARE, "holdout": SHARE, "valid_users": SHARE, "seed": INT_GE0},
+    "train": {"batch_size": INT_GE1, "lr": NUMBER_GE0, "max_epochs": INT_GE1, "patience": INT_GE1, "eval_chunk": INT_GE1,
+              "resume_every": NUMBER_GE0, "select": SELECT},
     "backbones": dict,
     "trajectory": {"every": INT_GE1, "topk": INT_GE1},
     "cache": {"topk": INT_GE1, "chunk": INT_GE1, "store": NAME, "hstu_logit": NAME},
-    "evaluate": {"exclude_valid_in_test": BOOL},
+    "evaluate": {"exclude_valid_in_test": BOOL, "ks": KS},
     "grid": {"teachers": NAMES, "students": NAMES, "methods": NAMES, "seeds": SEEDS},
     "report": {"target": NAME, "baselines": NAMES},
     "tuning": {"seed": INT_GE0, "trials": INT_GE1, "spaces": dict},

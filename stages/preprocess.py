@@ -19,7 +19,7 @@ def main(
     stats: Path = typer.Option(..., help="Output JSON with the dataset's statistics (a DVC metrics file)."),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Parse a raw dataset, apply the core filter and the per-user chronological split."""
+    """Parse a raw dataset, apply the core filter and the split (params split: per-user chronological, or MKD's holdout)."""
     try:
         all_params = load_params(params)
         spec = dict(section(all_params, f"datasets.{dataset}", params))
@@ -45,7 +45,8 @@ def main(
         result = preprocess(
             spec["path"], out, source=source, min_user=spec["min_user"], min_item=spec["min_item"],
             train=split["train"], valid=split["valid"], source_options=options, valid_share=share,
-            seed=int(spec.get("split_seed", 0)),
+            seed=int(spec.get("split_seed", 0)), mode=split.get("mode", "chronological"),
+            holdout=split.get("holdout", 0.1), valid_users=split.get("valid_users", 0.1), split_seed=split.get("seed", 0),
         )
     except (ParamsError, ValueError, FileNotFoundError) as err:
         fail(err)

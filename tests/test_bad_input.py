@@ -25,10 +25,10 @@ def set_key(params: dict, dotted: str, value) -> None:
 
 
 def distill(root: Path, tmp_path: Path, params: Path, *, method: str = "ce", cache: Path | None = None,
-            teacher: Path | None = None):
+            teacher: Path | None = None, student: str = "mf"):
     """`rcekd distill` on the tiny pipeline in `root`, writing under tmp_path/out."""
     args = [
-        "distill", "--method", method, "--student", "mf", "--data", str(root / "data"),
+        "distill", "--method", method, "--student", student, "--data", str(root / "data"),
         "--cache", str(cache or root / "cache"), "--out", str(tmp_path / "out" / "checkpoint.pt"),
         "--history", str(tmp_path / "out" / "history.csv"), "--params", str(params),
     ]
@@ -53,6 +53,9 @@ BAD_PARAMS = [
     ("kd.ce.k", 10**6, r"kd.ce.k = 1000000 exceeds the \d+ items"),
     ("backbones.mf.student.model.dimm", 8, r"unknown parameter backbones.mf.student.model.dimm; did you mean 'dim'\?"),
     ("diagnostics.users", -5, r"diagnostics.users = -5; expected an integer >= 1"),
+    ("split.mode", "random", r"split.mode = 'random'; expected chronological or holdout"),
+    ("train.select", "mrr@20", r"train.select = 'mrr@20'; expected ndcg@20 or recall@20"),
+    ("evaluate.ks", [10, 50], r"evaluate.ks = \[10, 50\]; expected a list of distinct integers >= 1 with 20 among them"),
 ]
 
 
@@ -65,6 +68,19 @@ def test_bad_parameter_is_refused_before_any_work(workspace, tmp_path, key, valu
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and re.search(message, result.output), result.output
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("student, parts, message", [
+    ("mf", ["nkd", "fd"], r"kd.mkd.parts = \['nkd', 'fd'\]: expected a non-empty subset of nkd, cpd, sld"),
+    ("hstu", ["nkd", "cpd", "sld"], r"kd.mkd \(mkd\) reads the batch's training pairs: the student must be a pairwise backbone"),
+])
+def test_mkd_refuses_bad_parts_and_a_sequence_student(workspace, tmp_path, student, parts, message):  # noqa: F811
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["kd"]["mkd"].update(parts=parts, top_n=10, sld={"q": 10, "pool": 20})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = distill(workspace, tmp_path, tmp_path / "params.yaml", method="mkd", student=student)
+    assert result.exit_code == 2 and re.search(message, result.output), result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_every_problem_is_listed_at_once(workspace, tmp_path):  # noqa: F811

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rcekd.backbones import MF
-from rcekd.cache import TeacherCache, write_cache
+from rcekd.cache import STORES, TeacherCache, write_cache
 from rcekd.checkpoint import load_checkpoint, save_checkpoint
 from rcekd.data import Splits
 from rcekd.io import read_json, write_json
@@ -204,8 +204,22 @@ def test_cache_refuses_an_old_format(cache_dir, splits):
     directory, _ = cache_dir
     meta = read_json(directory / "meta.json")
     write_json(directory / "meta.json", {**meta, "format_version": 1})
-    with pytest.raises(ValueError, match="format_version 1 .expected 2: rerun the cache_teacher stage"):
+    with pytest.raises(ValueError, match="format_version 1 .expected 3: rerun the cache_teacher stage"):
         TeacherCache(directory, splits=splits, device=CPU)
+
+
+def test_every_store_holds_the_teachers_factors(tmp_path, splits):
+    """Feature-level methods (MKD) read the teacher's vectors whatever store holds its scores."""
+    torch.manual_seed(0)
+    teacher = MF(n_users=splits.n_users, n_items=splits.n_items, dim=4, init_std=1.0).bind(splits.train)
+    users, items = teacher.user_emb.weight.detach(), teacher.item_emb.weight.detach()
+    for store in STORES:
+        write_cache(teacher, splits, tmp_path / store, topk=2, checkpoint_sha256="0", chunk=3, device=CPU, store=store)
+        cache = TeacherCache(tmp_path / store, splits=splits, device=CPU)
+        assert torch.equal(cache.factors()[0], users) and torch.equal(cache.factors()[1], items), store
+        os.truncate(tmp_path / store / "items.f32", 4)
+        with pytest.raises(ValueError, match="items.f32 has 4 bytes"):
+            TeacherCache(tmp_path / store, splits=splits, device=CPU)
 
 
 def test_cache_refuses_missing_meta(cache_dir, splits):

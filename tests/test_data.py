@@ -256,3 +256,23 @@ def test_load_splits_refuses_missing_meta(processed, tmp_path):
     (copy / "meta.json").unlink()
     with pytest.raises(FileNotFoundError, match="meta.json"):
         load_splits(copy)
+
+
+def test_holdout_split_is_mkds_protocol(tmp_path):
+    """MKD's split: per user a random 10% held out, whose items are validation targets for a random 10% of
+    the users and test targets for the others; seeded, and another seed draws another split."""
+    out = tmp_path / "holdout"
+    stats = preprocess(RAW, out, **PROTOCOL, mode="holdout", holdout=0.1, valid_users=0.1, split_seed=3)
+    splits = load_splits(out)
+    train, valid, test = (pd.DataFrame(splits.pairs(name), columns=["user", "item"]) for name in ("train", "valid", "test"))
+    n = pd.concat([train, valid, test]).groupby("user").size()
+    held = pd.concat([valid, test]).groupby("user").size().reindex(n.index, fill_value=0)
+    assert (held == np.clip(np.floor(0.1 * n + 1e-6), 1, n - 1)).all()  # every user: ⌊10%⌋, at least one
+    assert not set(valid["user"]) & set(test["user"])  # a user's targets are validation or test, never both
+    assert abs(valid["user"].nunique() / splits.n_users - 0.1) < 0.005
+    assert stats["valid"] + stats["test"] == held.sum()
+    chrono = load_splits(preprocess(RAW, tmp_path / "chrono", **PROTOCOL) and tmp_path / "chrono")
+    assert set(map(tuple, splits.test)) != set(map(tuple, chrono.test))  # random, not the last items
+    again = load_splits(preprocess(RAW, tmp_path / "again", **PROTOCOL, mode="holdout", split_seed=3) and tmp_path / "again")
+    other = load_splits(preprocess(RAW, tmp_path / "other", **PROTOCOL, mode="holdout", split_seed=4) and tmp_path / "other")
+    assert again.fingerprint == splits.fingerprint != other.fingerprint

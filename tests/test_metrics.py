@@ -33,9 +33,12 @@ def test_ranking_metrics_hand_computed():
     )
     n_targets = torch.tensor([2, 5, 1])
     out = ranking_metrics(hits, n_targets, (1, 3, 5))
-    assert set(out) == {"recall@1", "ndcg@1", "recall@3", "ndcg@3", "recall@5", "ndcg@5"}
+    assert set(out) == {f"{m}@{k}" for m in ("precision", "recall", "ndcg") for k in (1, 3, 5)}
 
     expected = {
+        "precision@1": [1.0, 0.0, 0.0],
+        "precision@3": [2 / 3, 2 / 3, 0.0],
+        "precision@5": [2 / 5, 3 / 5, 0.0],
         "recall@1": [1 / 2, 0 / 5, 0.0],
         "ndcg@1": [1.0, 0.0, 0.0],
         "recall@3": [2 / 2, 2 / 5, 0.0],

@@ -130,6 +130,7 @@ CASES = [
     ("distill rcekd", "TERM", "save", 2),     # halfway through writing the state of epoch 3
     ("train", "KILL", "step", 3),             # mid-epoch 4, the teacher and its trajectory (lists of epochs 1-3 carried)
     ("distill ce", "KILL", "save", EPOCHS),   # halfway through writing the checkpoint itself
+    ("distill mkd", "KILL", "step", 2),       # mid-epoch 3: a method with parameters (the projectors and their Adam state)
 ]
 
 

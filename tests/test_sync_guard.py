@@ -195,6 +195,11 @@ TINY = {  # sizes that fit the tiny data, over each method's own parameters
     "sld": {"q": 10, "pool": 20},
     "unkd": {"groups": 2, "pairs_per_group": 2, "pool": 10},
     "tarec": {"assistant": {"dim": 4}, "triples": 3, "iterations": 5},
+    "mkd": {"neighbours": 2, "top_n": 5, "sld": {"q": 10, "pool": 20}},
+    "rd": {"k": 5, "n": 10, "dynamic_from": 1},
+    "de": {"experts": 3},
+    "de_rrd": {"experts": 3, "rrd": {"k": 5, "l": 10, "m": 20}},
+    "htd": {"groups": 3},
 }
 LOOP_KEYS = ("weight", "reduction", "method", "lr", "student_weight_decay")  # read by the stage, not the method
 
@@ -250,7 +255,7 @@ def method_for(case: str, backbone: str, world: SimpleNamespace):
     splits = world.splits
     ctx = KDContext(
         world.caches[store], UserItems(splits.train, N_USERS, N_ITEMS), N_USERS, N_ITEMS, CPU, 8, trajectory,
-        lambda overrides: build(backbone, splits, **overrides), fit_student,
+        lambda overrides: build(backbone, splits, **overrides), fit_student, student_dim=SMALL[backbone][0]["dim"],
     )
     return METHODS[name](ctx, **kwargs), float(loop.get("weight", 1.0)), loop.get("reduction", "users")
 
@@ -261,12 +266,15 @@ def test_a_training_step_has_no_host_sync(monkeypatch, world, backbone: str, cas
     model = build(backbone, world.splits).train()
     generator = torch.Generator().manual_seed(0)
     kd, weight, reduction = method_for(case, backbone, world) if case is not None else (None, 0.0, "users")
+    if getattr(kd, "wants", ()) and backbone == "hstu":
+        pytest.skip("a method reading the batch's training rows runs on pairwise backbones only (the loop refuses HSTU)")
+    model.full_user_table = "user_table" in getattr(kd, "wants", ())  # as the loop sets it
     if kd is not None:
         kd.prepare_epoch(model, generator)  # per epoch: may sync
         if isinstance(kd, METHODS["hetcomp"]):
             assert kd.final == ("list-wise" in case)  # the phase the case names
     batch = next(iter(model.training_batches(SMALL[backbone][1], generator)))  # the epoch's batching: may sync
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    optimizer = torch.optim.Adam([*model.parameters(), *(kd.parameters() if isinstance(kd, torch.nn.Module) else ())], lr=1e-3, fused=True)
     with no_host_sync(monkeypatch):
         loss, parts = step_loss(model, batch, kd=kd, kd_weight=weight, kd_reduction=reduction, weight_decay=1e-4)
         optimizer.zero_grad(set_to_none=True)

@@ -31,14 +31,25 @@ SMALL = {  # model kwargs and batch size per backbone
 }
 
 
-def run(splits, *, seed: int, epochs: int, backbone: str = "mf"):
+def run(splits, *, seed: int, epochs: int, backbone: str = "mf", **options):
     torch.manual_seed(seed)
     kwargs, batch_size = SMALL[backbone]
     model = BACKBONES[backbone](n_users=splits.n_users, n_items=splits.n_items, **kwargs)
     return fit(
         model, splits, lr=0.005, weight_decay=1e-4, batch_size=batch_size, max_epochs=epochs, patience=epochs,
-        seed=seed, device=torch.device("cpu"), log=lambda message: None,
+        seed=seed, device=torch.device("cpu"), log=lambda message: None, **options,
     )
+
+
+def test_the_selection_metric_picks_the_best_epoch(splits, monkeypatch) -> None:
+    """train.select: the best epoch is the first with the highest validation value of that metric (here
+    scripted validations on which NDCG@20 and Recall@20 disagree)."""
+    scripted = [{"ndcg@20": 0.1, "recall@20": 0.5}, {"ndcg@20": 0.3, "recall@20": 0.1}, {"ndcg@20": 0.2, "recall@20": 0.2}]
+    for select, best in (("ndcg@20", 2), ("recall@20", 1)):
+        values = iter(scripted)
+        monkeypatch.setattr("rcekd.train.full_ranking", lambda *args, **kwargs: next(values))
+        result = run(splits, seed=0, epochs=3, select=select)
+        assert result.best_epoch == best and result.best_valid == scripted[best - 1], select
 
 
 @pytest.mark.parametrize("backbone", sorted(SMALL))

@@ -31,6 +31,10 @@ class Step:
     user_vecs: torch.Tensor  # [B, D]
     item_table: torch.Tensor  # [I, D]
     rows: torch.Tensor  # [B] training rows (pairs or positions) of each user in the batch
+    # for methods that want them (KDMethod.wants), pairwise backbones only:
+    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # [P] each: row's index into users, i⁺, i⁻
+    items: torch.Tensor | None = None  # [J] the batch's unique items (i⁺ ∪ i⁻), sorted
+    user_table: torch.Tensor | None = None  # [U, D] every user's vector, from this forward (`full_user_table`)
 
 
 class Backbone(nn.Module):
@@ -38,6 +42,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.n_users, self.n_items = n_users, n_items
         self.train_pairs: np.ndarray | None = None
+        self.full_user_table = False  # set by the loop for a method that reads Step.user_table
 
     def bind(self, train: np.ndarray) -> "Backbone":
         """Attach the training pairs ([P, 2] user, item; each user's rows in time order)."""
@@ -104,6 +109,7 @@ class PairBatch(NamedTuple):
     batch_users: torch.Tensor  # [U_b] the batch's unique users, sorted
     inverse: torch.Tensor  # [P_b] each pair's index into batch_users
     counts: torch.Tensor  # [U_b] pairs of each unique user
+    batch_items: torch.Tensor  # [J_b] the batch's unique items (positives and negatives), sorted
 
 
 class PairwiseBPR(Backbone):
@@ -127,19 +133,31 @@ class PairwiseBPR(Backbone):
         keys, inverse, counts = torch.unique(batch * self.n_users + users, return_inverse=True, return_counts=True)
         bounds = torch.arange(1, -(-len(order) // batch_size) + 1, device=device) * self.n_users
         ends = torch.searchsorted(keys, bounds).tolist()  # where each batch's keys end: the epoch's host sync
-        first = 0
+        # and every batch's unique items the same way (for methods that distil item representations)
+        item_keys = torch.unique(torch.cat([batch * self.n_items + pos, batch * self.n_items + negatives]))
+        item_ends = torch.searchsorted(item_keys, bounds // self.n_users * self.n_items).tolist()
+        first = first_item = 0
         for b, lo in enumerate(range(0, len(order), batch_size)):
-            hi, last = lo + batch_size, ends[b]
+            hi, last, last_item = lo + batch_size, ends[b], item_ends[b]
             yield PairBatch(
                 users[lo:hi], pos[lo:hi], negatives[lo:hi],
                 keys[first:last] - b * self.n_users, inverse[lo:hi] - first, counts[first:last],
+                item_keys[first_item:last_item] - b * self.n_items,
             )
-            first = last
+            first, first_item = last, last_item
+
+    def encode_all_users(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(`users`' vectors [B, D], the item table [I, D], every user's vector [U, D]) from one forward."""
+        user_vecs, item_table = self.encode(users)
+        return user_vecs, item_table, self.encode(torch.arange(self.n_users, device=users.device))[0]
 
     def batch_loss(self, batch: PairBatch, *, weight_decay: float) -> Step:
-        users, pos, neg, batch_users, inverse, counts = batch
-        user_vecs, item_table = self.encode(batch_users)
+        users, pos, neg, batch_users, inverse, counts, batch_items = batch
+        if self.full_user_table:
+            user_vecs, item_table, user_table = self.encode_all_users(batch_users)
+        else:
+            (user_vecs, item_table), user_table = self.encode(batch_users), None
         base = bpr_loss(
             user_vecs[inverse], item_table[pos], item_table[neg], weight_decay=weight_decay, ego=self._ego(users, pos, neg)
         )
-        return Step(base, batch_users, user_vecs, item_table, counts)
+        return Step(base, batch_users, user_vecs, item_table, counts, (inverse, pos, neg), batch_items, user_table)

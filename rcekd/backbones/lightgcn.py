@@ -155,5 +155,10 @@ class LightGCN(PairwiseBPR):
                 self._frozen = self.propagate()
         return self._frozen[0][users], self._frozen[1]
 
+    def encode_all_users(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One propagation of every user: the batch's rows are indexed from it."""
+        user_table, item_table = self.propagate()
+        return user_table[users], item_table, user_table
+
     def _ego(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple:
         return self.user_emb(users), self.item_emb(pos), self.item_emb(neg)

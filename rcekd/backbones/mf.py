@@ -19,3 +19,6 @@ class MF(PairwiseBPR):
     def encode(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """User vectors [B, D] for `users` and the item table [I, D]; a score is their dot product."""
         return self.user_emb(users), self.item_emb.weight
+
+    def encode_all_users(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.user_emb(users), self.item_emb.weight, self.user_emb.weight

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,8 @@ class KDContext:
     # model kwargs overridden, and fit(model, method, label) -> FitResult with the run's options
     build_student: Callable[[dict], nn.Module] | None = None
     fit_student: Callable[[nn.Module, object, str], object] | None = None
+    student_dim: int | None = None  # the student's vector size (methods with projectors to the teacher's)
+    seed: int = 0  # the run's seed (a method's own initial weights)
 
 
 def soft_ce(
@@ -170,3 +174,32 @@ def list_nll(
     if list_mask is not None:
         terms = torch.where(list_mask, terms, torch.zeros_like(terms))
     return -terms.sum(1)
+
+
+def expert(d_in: int, d_out: int) -> nn.Module:
+    """One projector MLP d_in → (d_in + d_out) / 2 → ReLU → d_out (the experts of DE, HTD and MKD's code)."""
+    hidden = (d_in + d_out) // 2
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+
+def mixture_of_experts(experts: nn.ModuleList, x: torch.Tensor, choice: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_m choice_m · expert_m(x) for `expert`s (the mean when choice is None): x [N, d_in], choice [N, M]
+    → [N, d_out]. Computed as one wide MLP, the experts' hidden units side by side and weighted: two
+    matrix products instead of 2M, the same function of the same parameters."""
+    first, last = [e[0] for e in experts], [e[2] for e in experts]
+    hidden = F.relu(F.linear(x, torch.cat([l.weight for l in first]), torch.cat([l.bias for l in first])))  # [N, M·h]
+    if choice is None:
+        choice = x.new_full((len(x), len(experts)), 1.0 / len(experts))
+    weighted = (hidden.view(len(x), len(experts), -1) * choice[:, :, None]).view(len(x), -1)
+    return F.linear(weighted, torch.cat([l.weight for l in last], dim=1)) + choice @ torch.stack([l.bias for l in last])
+
+
+@contextlib.contextmanager
+def own_initialisation(seed: int, name: str) -> Iterator[None]:
+    """A method's own parameters created inside are initialised from `seed` and `name` only: torch's CPU
+    generator is seeded with a number derived from both (so not the student's stream, which starts from
+    `seed` itself) and restored afterwards; no CUDA generator is touched (modules start on the CPU)."""
+    derived = int.from_bytes(hashlib.sha256(f"{name}:{seed}".encode()).digest()[:8], "little")
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(derived)
+        yield
