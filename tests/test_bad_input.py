@@ -106,7 +106,10 @@ def test_exponent_floats_as_dvc_writes_them_are_numbers(tmp_path):
 
     text = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
     path = tmp_path / "params.yaml"
-    path.write_text(text.replace("      weight_decay: 0.00001\n", "      weight_decay: 1e-05\n", 1))
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    old = f"      weight_decay: {params['backbones']['mf']['student']['weight_decay']}"
+    assert text.count(old) >= 1
+    path.write_text(text.replace(old, "      weight_decay: 1e-05", 1))  # the first: MF's student
     assert "weight_decay: 1e-05" in path.read_text()
     assert load_params(path)["backbones"]["mf"]["student"]["weight_decay"] == 1e-05
 
