@@ -22,6 +22,7 @@ from rcekd.sources import SOURCES
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
+MODES = ("chronological", "holdout", "leave_one_out")
 PAIR_SCHEMA = pa.schema([("user", pa.int32()), ("item", pa.int32())])
 MAP_SCHEMA = pa.schema([("id", pa.int32()), ("raw", pa.string())])
 
@@ -84,6 +85,20 @@ def holdout_split(df: pd.DataFrame, *, holdout: float, valid_users: float, seed:
     return {"train": df[~held], "valid": df[held & in_valid], "test": df[held & ~in_valid]}
 
 
+def leave_one_out(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """RCE-KD's sequential protocol (its appendix D.1): per user in time order (file order breaks ties and
+    stands in for time where there is none), the last interaction is the test target and the one before
+    it the validation target; the rest is training. A user with 2 interactions has no validation target
+    (one training item, one test item); a user with 1 keeps it in training and has no target."""
+    keys = ["user", "time", "order"] if "time" in df else ["user", "order"]
+    df = df.sort_values(keys, kind="stable")
+    from_end = df.groupby("user", sort=False).cumcount(ascending=False).to_numpy()  # 0 for a user's last
+    n = df["user"].map(df["user"].value_counts()).to_numpy()
+    test = (from_end == 0) & (n >= 2)
+    valid = (from_end == 1) & (n >= 3)
+    return {"train": df[~test & ~valid], "valid": df[valid], "test": df[test]}
+
+
 def carve_valid(df: pd.DataFrame, *, share: float, seed: int) -> dict[str, pd.DataFrame]:
     """For data published pre-split (a `split` column): keep its test part, and move a seeded random
     ⌊share · n⌋ of each user's training interactions to validation (at least one stays in train)."""
@@ -129,13 +144,14 @@ def preprocess(
 ) -> dict:
     """Read a raw source, filter, split, re-index and write the processed directory. Returns stats.
 
-    Sources with timestamps (or a file order) get the per-user chronological split (train, valid), or
-    with mode "holdout" MKD's random per-user holdout with validation and test users (holdout,
-    valid_users, split_seed); sources published pre-split keep their test part and carve validation
+    Sources with timestamps (or a file order) get the per-user chronological split (train, valid), with
+    mode "holdout" MKD's random per-user holdout with validation and test users (holdout, valid_users,
+    split_seed), or with mode "leave_one_out" the sequential protocol (last item test, the one before
+    it validation); sources published pre-split keep their test part and carve validation
     from training (valid_share).
     """
-    if mode not in ("chronological", "holdout"):
-        raise ValueError(f"split.mode = {mode!r}: expected chronological or holdout")
+    if mode not in MODES:
+        raise ValueError(f"split.mode = {mode!r}: expected one of {', '.join(MODES)}")
     if source not in SOURCES:
         raise ValueError(f"unknown dataset source {source!r}; expected one of {sorted(SOURCES)}")
     if not (0 < train < 1 and 0 <= valid < 1 and train + valid < 1):
@@ -155,6 +171,9 @@ def preprocess(
     if presplit:
         parts = carve_valid(df, share=valid_share, seed=seed)
         protocol = {"min_user": min_user, "min_item": min_item, "presplit": True, "valid_share": valid_share, "seed": seed}
+    elif mode == "leave_one_out":
+        parts = leave_one_out(df)
+        protocol = {"min_user": min_user, "min_item": min_item, "mode": mode}
     elif mode == "holdout":
         parts = holdout_split(df, holdout=holdout, valid_users=valid_users, seed=split_seed)
         protocol = {"min_user": min_user, "min_item": min_item, "mode": mode, "holdout": holdout,

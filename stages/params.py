@@ -56,7 +56,7 @@ SEEDS: tuple[str, Rule] = (
     lambda v: isinstance(v, list) and v != [] and all(INT_GE0[1](x) for x in v) and len(set(v)) == len(v),
 )
 DEVICE: tuple[str, Rule] = ("auto, cpu, cuda or cuda:<index>", lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())))
-SPLIT_MODE: tuple[str, Rule] = ("chronological or holdout", lambda v: v in ("chronological", "holdout"))
+SPLIT_MODE: tuple[str, Rule] = ("chronological, holdout or leave_one_out", lambda v: v in ("chronological", "holdout", "leave_one_out"))
 SELECT: tuple[str, Rule] = ("ndcg@20 or recall@20", lambda v: v in ("ndcg@20", "recall@20"))
 KS: tuple[str, Rule] = ("a list of distinct integers >= 1 with 20 among them", lambda v: SEEDS[1](v) and 20 in v and 0 not in v)
 SCHEMA: dict[str, Any] = {

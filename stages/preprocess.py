@@ -19,7 +19,7 @@ def main(
     stats: Path = typer.Option(..., help="Output JSON with the dataset's statistics (a DVC metrics file)."),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Parse a raw dataset, apply the core filter and the split (params split: per-user chronological, or MKD's holdout)."""
+    """Parse a raw dataset, apply the core filter and the split (params split: per-user chronological, MKD's holdout, or leave-one-out)."""
     try:
         all_params = load_params(params)
         spec = dict(section(all_params, f"datasets.{dataset}", params))

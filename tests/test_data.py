@@ -1,8 +1,10 @@
 """Data protocol (METHODS.md §1): reading users.dat, dedup, iterative core filter, per-user chronological
-8:1:1 split, the processed directory and its validating reader."""
+8:1:1 split (and MKD's holdout and the sequential leave-one-out), the processed directory and its
+validating reader."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -276,3 +278,43 @@ def test_holdout_split_is_mkds_protocol(tmp_path):
     again = load_splits(preprocess(RAW, tmp_path / "again", **PROTOCOL, mode="holdout", split_seed=3) and tmp_path / "again")
     other = load_splits(preprocess(RAW, tmp_path / "other", **PROTOCOL, mode="holdout", split_seed=4) and tmp_path / "other")
     assert again.fingerprint == splits.fingerprint != other.fingerprint
+
+
+def test_leave_one_out_on_a_hand_made_log(tmp_path):
+    """RCE-KD's sequential protocol: per user in time order, file order breaking ties (u1's items 12 and
+    13 share a timestamp), the last item is test and the one before it validation; a user with two items
+    has no validation target, one with a single item only trains; the protocol has its own fingerprint."""
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,ts\n"
+                   "1,10,5\n1,11,1\n1,12,9\n1,13,9\n1,14,3\n"  # time order 11, 14, 10, then the tie 12, 13 in file order
+                   "2,20,7\n2,21,2\n"  # two items: 21 trains, 20 is test
+                   "3,30,4\n")  # one item: it trains
+    options = {"user": "user", "item": "item", "time": "ts"}
+    out = tmp_path / "loo"
+    stats = preprocess(log, out, source="table", min_user=0, min_item=0, train=0.8, valid=0.1, source_options=options,
+                       mode="leave_one_out")
+    splits = load_splits(out)
+    raw_user = pq.read_table(out / "users.parquet")["raw"].to_pylist()
+    raw_item = pq.read_table(out / "items.parquet")["raw"].to_pylist()
+    named = {name: [(raw_user[u], raw_item[i]) for u, i in splits.pairs(name)] for name in ("train", "valid", "test")}
+    assert named["test"] == [("1", "13"), ("2", "20")]
+    assert named["valid"] == [("1", "12")]
+    assert named["train"] == [("1", "11"), ("1", "14"), ("1", "10"), ("2", "21"), ("3", "30")]  # each user's in time order
+    assert (stats["train"], stats["valid"], stats["test"]) == (5, 1, 2)
+    assert json.loads((out / "meta.json").read_text())["protocol"]["mode"] == "leave_one_out"
+    chrono = preprocess(log, tmp_path / "chrono", source="table", min_user=0, min_item=0, train=0.8, valid=0.1,
+                        source_options=options)
+    assert chrono and load_splits(tmp_path / "chrono").fingerprint != splits.fingerprint
+
+
+def test_leave_one_out_without_timestamps_is_file_order(processed, tmp_path):
+    """CiteULike-t (no timestamps): the last item of each users.dat line is test, the one before valid."""
+    stats = preprocess(RAW, tmp_path / "loo", **PROTOCOL, mode="leave_one_out")
+    splits = load_splits(tmp_path / "loo")
+    assert stats["valid"] == stats["test"] == splits.n_users  # every user has >= 5 items here
+    raw_item = pq.read_table(tmp_path / "loo" / "items.parquet")["raw"].to_pylist()
+    raw_user = pq.read_table(tmp_path / "loo" / "users.parquet")["raw"].to_pylist()
+    lines = raw_lines()
+    for split, from_end in (("test", 1), ("valid", 2)):
+        for user, item in splits.pairs(split)[:200]:
+            assert int(raw_item[item]) == lines[int(raw_user[user])][-from_end]

@@ -28,6 +28,7 @@ SMALL = {  # model kwargs and batch size per backbone
     "mf": ({"dim": 32}, 512),
     "lightgcn": ({"dim": 32, "layers": 2}, 512),
     "hstu": ({"dim": 32, "blocks": 2, "heads": 2, "max_len": 50, "negatives": 128, "dropout": 0.1}, 64),
+    "sasrec": ({"dim": 32, "blocks": 2, "heads": 2, "max_len": 50, "dropout": 0.1}, 64),
 }
 
 

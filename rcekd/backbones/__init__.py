@@ -4,9 +4,11 @@ and trains through `training_batches` / `batch_loss` (see base.py)."""
 from rcekd.backbones.hstu import HSTU
 from rcekd.backbones.lightgcn import LightGCN
 from rcekd.backbones.mf import MF
+from rcekd.backbones.sasrec import SASRec
 
 BACKBONES = {
     "mf": MF,
     "lightgcn": LightGCN,
     "hstu": HSTU,
+    "sasrec": SASRec,
 }

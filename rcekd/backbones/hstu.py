@@ -12,75 +12,21 @@ temperature against `negatives` uniform items shared by the batch. The user vect
 distillation is the output at the last position over the user's last `max_len` training items; the
 logit is cosine / temperature (what it was trained on), or the raw cosine after `use_raw_cosine()`.
 
-A batch runs in length groups: its sequences are grouped by window length (powers of two, from
-MIN_WINDOW) and each group runs over its own longest window only. Left padding changes no real
-position's output, so this is the padded batch's computation without its padding (CiteULike's windows
-average 16 of 100 positions); the dropout multipliers are drawn for the whole padded batch, as one
-padded forward draws them, so only rounding differs from it.
+A batch runs in length groups (sequence.py); the dropout multipliers are drawn for the whole padded
+batch, as one padded forward draws them, so only rounding differs from the padded computation.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcekd.backbones.base import Backbone, Step
-
-
-def last_items(train: np.ndarray, n_users: int, max_len: int, pad: int) -> np.ndarray:
-    """[U, max_len] each user's last max_len training items in row order, left-padded with `pad`."""
-    users = train[:, 0]
-    order = np.argsort(users, kind="stable")  # keeps each user's time order
-    users, items = users[order], train[order, 1]
-    counts = np.bincount(users, minlength=n_users)
-    end = np.cumsum(counts)
-    from_end = end[users] - np.arange(len(users)) - 1  # 0 for a user's last item
-    keep = from_end < max_len
-    out = np.full((n_users, max_len), pad, dtype=np.int64)
-    out[users[keep], max_len - 1 - from_end[keep]] = items[keep]
-    return out
-
-
-MIN_WINDOW = 4  # the shortest group window; a group of window w holds the lengths in (w / 2, w]
-
-
-class Groups(NamedTuple):
-    """A batch of sequences in length groups (worked out per epoch, so that a step needs no host sync)."""
-
-    order: torch.Tensor  # [B] the batch's rows, group after group
-    inverse: torch.Tensor  # [B] where each row went: grouped[inverse] is the batch's order
-    sizes: tuple[tuple[int, int], ...]  # (rows, window) of each group, in order
-
-
-def length_groups(lengths: torch.Tensor, batch_size: int, max_len: int) -> list[Groups]:
-    """`Groups` of each consecutive `batch_size` rows of `lengths` [N] (window lengths): rows ordered by
-    group, stably; a group's window is its longest length (at least 1). One host sync for all batches."""
-    device = lengths.device
-    edges = torch.tensor([MIN_WINDOW << i for i in range(max(max_len // MIN_WINDOW, 1).bit_length())], device=device)
-    n_bins, n_batches = len(edges) + 1, -(-len(lengths) // batch_size)
-    key = torch.arange(len(lengths), device=device) // batch_size * n_bins + torch.bucketize(lengths, edges)
-    order = torch.argsort(key, stable=True)  # each batch's rows stay in its own slice
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order), device=device)
-    counts = torch.bincount(key, minlength=n_batches * n_bins).tolist()
-    longest = torch.zeros(n_batches * n_bins, dtype=lengths.dtype, device=device).scatter_reduce(0, key, lengths, reduce="amax").tolist()
-    out = []
-    for b, lo in enumerate(range(0, len(lengths), batch_size)):
-        bins = range(b * n_bins, (b + 1) * n_bins)
-        sizes = tuple((counts[i], max(longest[i], 1)) for i in bins if counts[i])
-        out.append(Groups(order[lo : lo + batch_size] - lo, inverse[lo : lo + batch_size] - lo, sizes))
-    return out
-
-
-class SequenceBatch(NamedTuple):
-    users: torch.Tensor  # [B] sorted
-    negatives: torch.Tensor  # [N] uniform items shared by the batch
-    groups: Groups
+from rcekd.backbones.base import Step
+from rcekd.backbones.sequence import Groups, SequenceBackbone, SequenceBatch, last_items, length_groups  # noqa: F401
 
 
 class HSTUBlock(nn.Module):
@@ -113,7 +59,7 @@ class HSTUBlock(nn.Module):
         return x + self.out(gated if noise is None else gated * noise)
 
 
-class HSTU(Backbone):
+class HSTU(SequenceBackbone):
     def __init__(
         self,
         *,
@@ -127,14 +73,14 @@ class HSTU(Backbone):
         temperature: float = 0.05,
         negatives: int = 512,
     ):
-        super().__init__(n_users, n_items)
+        super().__init__(n_users, n_items, max_len)
         if min(dim, blocks, heads, max_len, negatives) < 1 or not 0 <= dropout < 1 or temperature <= 0:
             raise ValueError(
                 f"hstu: dim, blocks, heads, max_len, negatives must be >= 1, 0 <= dropout < 1, temperature > 0 "
                 f"(got dim={dim}, blocks={blocks}, heads={heads}, max_len={max_len}, negatives={negatives}, "
                 f"dropout={dropout}, temperature={temperature})"
             )
-        self.max_len, self.temperature, self.negatives = max_len, temperature, negatives
+        self.temperature, self.negatives = temperature, negatives
         self.logit_scale = 1.0 / temperature
         self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=n_items)  # row n_items: padding
         self.pos_emb = nn.Embedding(max_len, dim)
@@ -142,33 +88,13 @@ class HSTU(Backbone):
         nn.init.normal_(self.pos_emb.weight, std=1.0 / math.sqrt(dim))
         self.blocks = nn.ModuleList(HSTUBlock(dim, heads, max_len) for _ in range(blocks))
         self.dropout = dropout
-        self._sequences: torch.Tensor | None = None
-        self._lengths: torch.Tensor | None = None
-
-    def bind(self, train: np.ndarray) -> "HSTU":
-        super().bind(train)
-        self._sequences = None
-        return self
 
     def use_raw_cosine(self) -> None:
         """Scores become the raw cosine instead of cosine / temperature (the authors' code's teacher logit)."""
         self.logit_scale = 1.0
 
-    def sequences(self) -> torch.Tensor:
-        """[U, max_len] each user's window of training items, left-padded (its length: `self._lengths`)."""
-        device = self._device()
-        if self._sequences is None or self._sequences.device != device:
-            seqs = last_items(self._bound(), self.n_users, self.max_len, pad=self.n_items)
-            self._sequences = torch.from_numpy(seqs).to(device)
-            self._lengths = torch.from_numpy((seqs != self.n_items).sum(1)).to(device)  # [U] real items
-        return self._sequences
-
     def item_table(self) -> torch.Tensor:
         return F.normalize(self.item_emb.weight[: self.n_items], dim=-1)
-
-    def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        """seq [B, L] item ids, left-padded with n_items → L2-normalised outputs [B, L, D]."""
-        return self.grouped(seq, Groups(None, None, ((len(seq), seq.shape[1]),)))[0]
 
     def grouped(self, seq: torch.Tensor, groups: Groups) -> list[torch.Tensor]:
         """seq [B, L] (left-padded; rows in group order) → the outputs [rows, window, D] of each group over
@@ -207,40 +133,11 @@ class HSTU(Backbone):
         distance = (index[:, None] - index[None, :]).clamp(0, self.max_len - 1)
         return x, divisor, distance, noise
 
-    def groups_of(self, users: torch.Tensor) -> Groups:
-        """The length groups of a batch of `users` (a host sync: for evaluation and hand-built batches;
-        a training epoch works its batches' groups out at once in `training_batches`)."""
-        self.sequences()
-        return length_groups(self._lengths[users], len(users), self.max_len)[0]
-
-    def last_outputs(self, users: torch.Tensor, groups: Groups) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """(seq [B, max_len] in group order, each group's outputs, the last positions' outputs [B, D] in
-        the order of `users`)."""
-        seq = self.sequences()[users[groups.order]]
-        outs = self.grouped(seq, groups)
-        return seq, outs, torch.cat([out[:, -1] for out in outs])[groups.inverse]
-
-    def encode(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last position's output (× 1/temperature unless raw cosine) and the normalised item table.
-
-        In length groups, except in training with gradients (a method's loss calling `encode`: DCD's
-        item side), where grouping would be a host sync inside the step: there the whole window runs,
-        with the same outputs up to rounding (left padding changes no position's output)."""
-        if self.training and torch.is_grad_enabled():
-            last = self(self.sequences()[users])[:, -1]
-        else:
-            last = self.last_outputs(users, self.groups_of(users))[2]
-        return last * self.logit_scale, self.item_table()
-
     def training_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[SequenceBatch]:
         """Batches of `batch_size` users (sorted within the batch), the batch's shared negatives and its
         length groups; the groups of the whole epoch come to the host at once, so that no step waits."""
         device = self._device()
-        self.sequences()
-        order = torch.randperm(self.n_users, generator=generator, device=device)
-        batch = torch.arange(self.n_users, device=device) // batch_size
-        users = (batch * self.n_users + order).sort().values - batch * self.n_users  # each batch's users, sorted
-        groups = length_groups(self._lengths[users], batch_size, self.max_len)
+        users, groups = self.epoch_batches(batch_size, generator)
         for b, lo in enumerate(range(0, self.n_users, batch_size)):
             negatives = torch.randint(self.n_items, (self.negatives,), generator=generator, device=device)
             yield SequenceBatch(users[lo : lo + batch_size], negatives, groups[b])
