@@ -53,7 +53,7 @@ BAD_PARAMS = [
     ("kd.ce.k", 10**6, r"kd.ce.k = 1000000 exceeds the \d+ items"),
     ("backbones.mf.student.model.dimm", 8, r"unknown parameter backbones.mf.student.model.dimm; did you mean 'dim'\?"),
     ("diagnostics.users", -5, r"diagnostics.users = -5; expected an integer >= 1"),
-    ("split.mode", "random", r"split.mode = 'random'; expected chronological or holdout"),
+    ("split.mode", "random", r"split.mode = 'random'; expected chronological, holdout or leave_one_out"),
     ("train.select", "mrr@20", r"train.select = 'mrr@20'; expected ndcg@20 or recall@20"),
     ("evaluate.ks", [10, 50], r"evaluate.ks = \[10, 50\]; expected a list of distinct integers >= 1 with 20 among them"),
 ]
