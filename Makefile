@@ -2,7 +2,7 @@
 #   make run    set up .venv, then `dvc repro` the default pipeline (CiteULike-t, MF → MF)
 #   make test   set up .venv, then run the test suite (unit tests + a small end-to-end DVC run)
 #   make tune   every validation search of params `tuning` (hours on a CPU), then README's tables
-#   make record the protocols of record (params `records`: hours on a CPU), copied to results/, and README's tables
+#   make record the protocols of record (params `records`: hours on a CPU), cell by cell into results/, and README's tables
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
@@ -40,10 +40,9 @@ tune: setup
 	done
 	rcekd readme
 
-# The protocols of record (README "Results of record"): the default pipeline first, so that the
-# records share its upstream stages; then each record's seeds on the queue; then README's tables.
+# The protocols of record (README "Results of record"): each record's cells on the queue, each landing in
+# results/<name> as it finishes (run again, only the missing cells run); then README's tables.
 record: setup
-	dvc repro
 	rcekd record --name citeulike_mf --jobs $(JOBS)
 	rcekd record --name citeulike_mf_ablations --jobs $(JOBS)
 	rcekd readme

@@ -1,18 +1,28 @@
-"""`rcekd record --name N`: a protocol of record (params `records.N`), run as DVC experiments and
-committed as plain files under results/N.
+"""`rcekd record --name N`: a protocol of record (params `records.N`), run as DVC experiments, each cell's
+files landing in results/N as soon as it finishes.
 
-The default pipeline stays small; a record is the same pipeline with a few params set (more methods,
-five seeds). Its cells run in parallel on DVC's queue, one experiment per seed and method (`rcekd
-run-queue`); one more experiment with every seed and method then restores all of them from the run
-cache and runs only the report. That experiment's commit holds a dvc.lock that is true for its outputs; the record folder is
-a copy of it: its params.yaml, dvc.yaml and dvc.lock, and every metrics file, history, timing,
-diagnostics CSV, report and figure table of its artifacts/ (not checkpoints or the teacher's cache),
-the figures drawn as PNG (figures/), and record.json naming the experiment. The folder is written
-whole or not at all.
+A record is the default pipeline with a few params set (more methods, five seeds): hours of training,
+more than one machine session, whose DVC cache does not outlive it. So every cell is one queued
+experiment, and what a cell made is copied into the folder as soon as its experiment exists: its small
+files (metrics JSON, history, timing, diagnostics CSVs) and its dvc.lock (locks/<cell>.lock, true for
+that experiment's outputs). Run again, the command runs only the cells record.json does not list yet.
+
+1. The teachers and their caches first, as one experiment (restored from the run cache when they ran
+   before); their files and lock are copied in, and the sha256 of each teacher's weights is kept in
+   record.json. A later run whose teacher has other weights (another CPU type trains other last bits;
+   other code) stops before any cell: a record's cells share one teacher.
+2. One experiment per cell (seed, method): each seed's first method (which also trains that seed's
+   student alone), then the other methods, whose experiments restore the student from the run cache.
+3. Once every cell is in, the report is made from the folder's own files by the report stage's code
+   (`rcekd report` on the folder), and its figures are drawn as PNG (figures/).
+
+Every file is written whole or not at all, and a cell counts as in only once record.json lists it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
 import shutil
@@ -23,26 +33,63 @@ from pathlib import Path
 
 import typer
 
-from rcekd.io import atomic_path, write_json
+from rcekd.io import atomic_path, read_json, write_json
 from stages.common import log
 from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
 from stages.run_queue import experiment_revs, queue, run_all, settle
 
-KEPT = (".csv", ".json", ".md")  # the record's files: metrics, histories, timings, diagnostics, reports
-SKIPPED = ("cache",)  # folders left out: the teacher's score cache (its meta.json describes a file not kept)
+KEPT = (".csv", ".json", ".md")  # the record's files: metrics, histories, timings, diagnostics
+SKIPPED = ("cache", "reports")  # left out: the teacher's score cache; a cell's own one-cell report
 
 
-def export(rev: str, out: Path) -> int:
-    """Copy the experiment `rev`'s pipeline files and small artifacts into the folder `out`; files copied."""
-    from dvc.fs import DVCFileSystem
+def weights_sha256(payload: bytes) -> str:
+    """sha256 of a checkpoint's weights (every tensor of its state, by name): the same teacher trained
+    again gives the same value, though the file's bytes differ (its metadata holds peak memory)."""
+    import torch
 
-    fs = DVCFileSystem(url=".", rev=rev)
-    paths = ["params.yaml", "dvc.yaml", "dvc.lock"]
-    paths += [path for path in fs.find("artifacts") if path.endswith(KEPT) and not set(Path(path).parts) & set(SKIPPED)]
-    for path in paths:
-        (out / path).parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(path, str(out / path))
-    return len(paths)
+    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)["state"]
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Record:
+    """The folder of a record and its record.json; every change is written at once."""
+
+    def __init__(self, folder: Path, name: str, settings: dict):
+        self.folder = folder
+        self.path = folder / "record.json"
+        self.meta = read_json(self.path) if self.path.exists() else {}
+        if self.meta and self.meta.get("set") != settings:
+            raise ParamsError(f"{self.path}: a record of other settings ({self.meta.get('set')}); records.{name}.set is now "
+                              f"{settings}: move the folder away (or restore the settings) to start over")
+        self.meta = {"name": name, "command": f"rcekd record --name {name}", "set": settings, "teachers": {}, "cells": {},
+                     "complete": False, **self.meta}
+
+    def save(self) -> None:
+        write_json(self.path, self.meta)
+
+    def copy(self, rev: str, cell: str, *, keep: tuple[str, ...] = (), overwrite: tuple[str, ...] = ()) -> int:
+        """Copy experiment `rev`'s dvc.lock (to locks/<cell>.lock; the teachers' only the first time) and its
+        small artifacts: those under a path of `overwrite` always, those under a path of `keep` only when the
+        folder lacks them; also params.yaml and dvc.yaml, once. Returns the files copied."""
+        from dvc.fs import DVCFileSystem
+
+        fs = DVCFileSystem(url=".", rev=rev)
+        lock = self.folder / "locks" / f"{cell}.lock"
+        wanted = {} if cell == "upstream" and lock.exists() else {"dvc.lock": lock}
+        wanted |= {name: self.folder / name for name in ("params.yaml", "dvc.yaml") if not (self.folder / name).exists()}
+        for path in fs.find("artifacts"):
+            if not path.endswith(KEPT) or set(Path(path).parts) & set(SKIPPED):
+                continue
+            if path.startswith(overwrite) or (path.startswith(keep) and not (self.folder / path).exists()):
+                wanted[path] = self.folder / path
+        for source, target in wanted.items():
+            with atomic_path(target) as tmp:
+                fs.get_file(source, str(tmp))
+        return len(wanted)
 
 
 def draw(folder: Path) -> int:
@@ -52,22 +99,50 @@ def draw(folder: Path) -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch) / "record"
-        shutil.copytree(folder, work)
+        top = lambda where, names: {"figures", "locks"} & set(names) if Path(where) == folder else set()  # noqa: E731
+        shutil.copytree(folder, work, ignore=top)
         subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=work, check=True)
         shutil.copytree(Path(".dvc/plots"), work / ".dvc/plots")
         shown = subprocess.run(["dvc", "plots", "show", "--json"], cwd=work, capture_output=True, text=True)
     if shown.returncode != 0:
         raise SystemExit(f"error: `dvc plots show --json` on the record failed:\n{shown.stderr.strip()}")
-    (folder / "figures").mkdir(exist_ok=True)
     drawn = 0
-    for title, plots in json.loads(shown.stdout)["data"].items():
-        if title.endswith(".csv"):  # a stage's own history or timing plot, one per run: the report's figures cover them
-            continue
-        for plot in plots:
-            name = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
-            (folder / "figures" / f"{name}.png").write_bytes(vl_convert.vegalite_to_png(plot["content"]))
-            drawn += 1
+    with atomic_path(folder / "figures") as tmp:
+        tmp.mkdir()
+        for title, plots in json.loads(shown.stdout)["data"].items():
+            if title.endswith(".csv"):  # a stage's own history or timing plot, one per run: the report's figures cover them
+                continue
+            for plot in plots:
+                name = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+                (tmp / f"{name}.png").write_bytes(vl_convert.vegalite_to_png(plot["content"]))
+                drawn += 1
     return drawn
+
+
+def run_cells(record: Record, jobs: int, cells: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]],
+              what: str, every: float = 30.0) -> None:
+    """Run the queued `cells` (experiment name → (cell, paths to overwrite, paths to keep)) on the queue;
+    each cell's files go into the record as soon as its experiment exists."""
+    runner = subprocess.Popen(["rcekd", "run-queue", "--jobs", str(jobs)])
+    waiting = dict(cells)
+    while waiting:
+        try:
+            runner.wait(timeout=every)
+        except subprocess.TimeoutExpired:
+            pass
+        finished = runner.poll() is not None
+        revs = experiment_revs()
+        for name in [name for name in waiting if name in revs]:
+            cell, overwrite, keep = waiting.pop(name)
+            files = record.copy(revs[name], cell, overwrite=overwrite, keep=keep)
+            record.meta["cells"][cell] = {"experiment": name, "commit": revs[name]}
+            record.save()
+            log(f"record {record.meta['name']}: cell {cell} in ({files} files from {name}); {len(waiting)} to go")
+        if finished:
+            break
+    if runner.wait() != 0 or waiting:
+        raise SystemExit(f"error: the experiments of {what} did not all finish (above); `dvc queue status` lists them; "
+                         f"the finished cells are in {record.folder}, and running the command again runs the others")
 
 
 def main(
@@ -76,42 +151,74 @@ def main(
     out: Path = typer.Option(None, help="The record's folder (default results/<name>)."),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Run a protocol of record (params: records.<name>.set, over params.yaml) and commit-ready copy it to a folder."""
+    """Run a protocol of record (params: records.<name>.set, over params.yaml), cell by cell into its folder."""
     try:
         all_params = load_params(params)
         settings = section(all_params, f"records.{name}.set", params)
         if not isinstance(settings, dict) or not settings:
             raise ParamsError(f"{params}: records.{name}.set = {settings!r}; expected parameter: value pairs (as dvc exp run -S)")
-        seeds = settings.get("grid.seeds", section(all_params, "grid.seeds", params))
-        methods = settings.get("grid.methods", section(all_params, "grid.methods", params))
-    except ParamsError as err:
+        lists = {key: settings.get(f"grid.{key}", section(all_params, f"grid.{key}", params))
+                 for key in ("teachers", "students", "methods", "seeds")}
+        dataset = settings.get("dataset", section(all_params, "dataset", params))
+        out = out or Path("results") / name
+        record = Record(out, name, settings)
+    except (ParamsError, ValueError) as err:
         fail(err)
-    out = out or Path("results") / name
     stamp = time.strftime("%m%d-%H%M%S")
-    final = f"record-{name}-{stamp}"
-    log(f"record {name}: {len(seeds)} seeds x {len(methods)} methods on {jobs} workers, then the report of all ({settings})")
-    # The teachers and their caches first, once (restored from the run cache when they ran before); then
-    # one experiment per cell, so that the workers share out every (seed, method): each seed's first
-    # method (which also trains that seed's student alone), then the other methods, whose experiments
-    # restore the student from the run cache.
-    settle()
-    queue(f"{final}-upstream", settings, "cache_teacher")
-    run_all(1, f"the record {name} (its teachers)")
-    for round_ in ([methods[:1]], [[m] for m in methods[1:]]):
+    prefix = f"record-{name}-{stamp}"
+    cells = [(seed, method) for seed in lists["seeds"] for method in lists["methods"]]
+    todo = [cell for cell in cells if f"s{cell[0]}-{cell[1]}" not in record.meta["cells"]]
+    log(f"record {name}: {len(cells)} cells ({len(lists['seeds'])} seeds x {len(lists['methods'])} methods), "
+        f"{len(cells) - len(todo)} already in {out}; {jobs} workers ({settings})")
+
+    if todo or not record.meta["complete"]:
+        # The teachers once: restored from the run cache when the default pipeline trained them in this session.
+        settle()
+        queue(f"{prefix}-upstream", settings, "cache_teacher", "evaluate_teacher")
+        run_all(1, f"the record {name} (its teachers)")
+        rev = experiment_revs()[f"{prefix}-upstream"]
+        from dvc.fs import DVCFileSystem
+
+        fs = DVCFileSystem(url=".", rev=rev)
+        found = {teacher: weights_sha256(fs.read_bytes(f"artifacts/{dataset}/teacher_{teacher}/checkpoint.pt"))
+                 for teacher in lists["teachers"]}
+        for teacher, digest in found.items():
+            kept = record.meta["teachers"].get(teacher)
+            if kept is not None and kept != digest:
+                fail(ParamsError(f"{record.path}: this session's teacher {teacher} has weights sha256 {digest[:16]}..., "
+                                 f"the record's cells were made with {kept[:16]}... (another CPU type or other code trains "
+                                 f"other weights); a record's cells share one teacher: run it where the teacher is the same, "
+                                 f"or move {out} away to start over"))
+        teacher_paths = tuple(f"artifacts/{sub}/teacher_{t}" for t in lists["teachers"] for sub in (dataset, f"metrics/{dataset}"))
+        record.copy(rev, "upstream", keep=teacher_paths)
+        record.meta["teachers"] = found
+        record.save()
+
+    def paths(seed: int, method: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(the cell's own run paths, always copied; its student alone's, copied once)."""
+        own = tuple(f"artifacts/{sub}/{t}_to_{s}/{method}/seed_{seed}" for t in lists["teachers"] for s in lists["students"]
+                    for sub in (dataset, f"metrics/{dataset}"))
+        alone = tuple(f"artifacts/{sub}/student_{s}/seed_{seed}" for s in lists["students"] for sub in (dataset, f"metrics/{dataset}"))
+        return own, alone
+
+    first = {seed: next((m for s, m in todo if s == seed), None) for seed in lists["seeds"]}
+    for round_ in ([cell for cell in todo if first[cell[0]] == cell[1]], [cell for cell in todo if first[cell[0]] != cell[1]]):
         if not round_:
             continue
         settle()
-        for seed in seeds:
-            for chosen in round_:
-                queue(f"{final}-s{seed}-{chosen[0]}", settings | {"grid.seeds": [seed], "grid.methods": chosen})
-        run_all(jobs, f"the record {name}")
-    settle()
-    queue(final, settings)
-    run_all(1, f"the record {name}")
-    rev = experiment_revs()[final]
-    with atomic_path(out) as tmp:
-        files = export(rev, tmp)
-        figures = draw(tmp)
-        write_json(tmp / "record.json", {"name": name, "experiment": final, "commit": rev, "set": settings,
-                                         "command": f"rcekd record --name {name}", "files": files, "figures": figures})
-    log(f"record {name}: {files} files of experiment {final} ({rev[:10]}) in {out}; commit it with git add {out}")
+        queued = {}
+        for seed, method in round_:
+            experiment = f"{prefix}-s{seed}-{method}"
+            queue(experiment, settings | {"grid.seeds": [seed], "grid.methods": [method]})
+            queued[experiment] = (f"s{seed}-{method}", *paths(seed, method))
+        run_cells(record, jobs, queued, f"the record {name}")
+
+    if not record.meta["complete"]:
+        reports = out / "artifacts/reports" / dataset
+        subprocess.run(["rcekd", "report", "--params", str(out / "params.yaml"), "--metrics", str(out / "artifacts/metrics" / dataset),
+                        "--runs", str(out / "artifacts" / dataset), "--table", str(reports / "results.md"),
+                        "--json", str(reports / "results.json"), "--figures", str(reports / "figures")], check=True)
+        record.meta["figures"] = draw(out)
+        record.meta["complete"] = True
+        record.save()
+    log(f"record {name}: complete in {out} ({len(record.meta['cells'])} cells); commit it with git add {out}")

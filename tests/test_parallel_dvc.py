@@ -1,9 +1,9 @@
 """The grid in parallel, end to end on the real pipeline (a CiteULike-t excerpt, 2 epochs):
 
 (a) on one machine, `rcekd record` runs a 2-seed record on two workers of DVC's experiment queue (one
-    experiment per seed, `rcekd run-queue`) after the shared upstream was built once; no experiment
-    trains the teacher, the 2-seed report is then made from the run cache without training anything,
-    and the record's folder holds that experiment's files;
+    experiment per cell, `rcekd run-queue`) after the shared upstream was built once; no experiment
+    trains the teacher, each cell's files land in the record's folder, whose report is made from them;
+    cut short, the record runs only its missing cells, and a teacher with other weights stops it;
 (b) on "many machines", two clones sharing a local-directory DVC remote each run one seed and push
     (`dvc push --run-cache`); a third clone pulls and makes the report without training anything.
 """
@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -44,7 +46,7 @@ def report_seeds(repo: Path) -> dict[str, int]:
     return {method: entry["seeds"] for method, entry in results.items()}
 
 
-def test_a_record_runs_its_seeds_on_two_queue_workers_and_the_teacher_once(tmp_path: Path) -> None:
+def test_a_record_runs_its_cells_on_two_queue_workers_and_lands_each_one(tmp_path: Path) -> None:
     record = {("records",): {"two": {"set": {"grid.seeds": list(SEEDS), "grid.methods": ["ce", "rcekd"]}}}}
     repo = make_repo(tmp_path / "repo", {**GRID, **record}, users=300)
     upstream = ran_stages(run(["dvc", "repro", "cache_teacher"], repo))
@@ -52,22 +54,21 @@ def test_a_record_runs_its_seeds_on_two_queue_workers_and_the_teacher_once(tmp_p
     output = run(["rcekd", "record", "--name", "two", "--jobs", "2"], repo)
     assert "2 queued experiments, 2 workers" in output and "0 failed" in output, output  # each round's
     names = re.findall(r"^\S+\s+(record-two-\S+)\s+.*Success$", run(["dvc", "queue", "status"], repo), re.M)
-    assert len(names) == 6, names  # the teacher's, one experiment per cell (seed, method), then the report of all
-    final = min(names, key=len)
-    assert not trained(ran_stages(run(["dvc", "queue", "logs", f"{final}-upstream"], repo)))  # the teacher: cached
+    assert len(names) == 5, names  # the teachers', then one experiment per cell (seed, method)
+    prefix = next(name for name in names if name.endswith("-upstream")).removesuffix("-upstream")
+    assert not trained(ran_stages(run(["dvc", "queue", "logs", f"{prefix}-upstream"], repo)))  # the teacher: cached
     for seed in SEEDS:  # the first method's cell trains the seed's student alone; the next restores it
-        log = run(["dvc", "queue", "logs", f"{final}-s{seed}-ce"], repo)
+        log = run(["dvc", "queue", "logs", f"{prefix}-s{seed}-ce"], repo)
         assert trained(ran_stages(log)) == {f"train_student@mf-{seed}", f"distill@mf-mf-ce-{seed}"}, log
         assert re.search(r"\d+ threads", log)  # each worker's stages run with the threads run-queue gave them
-        log = run(["dvc", "queue", "logs", f"{final}-s{seed}-rcekd"], repo)
+        log = run(["dvc", "queue", "logs", f"{prefix}-s{seed}-rcekd"], repo)
         assert trained(ran_stages(log)) == {f"distill@mf-mf-rcekd-{seed}"}, log
-    combined = run(["dvc", "queue", "logs", final], repo)
-    assert not trained(ran_stages(combined)) and "report" in ran_stages(combined), combined
 
-    folder = repo / "results/two"  # the record: the final experiment's files, checkpoints and caches left out
+    folder = repo / "results/two"  # every cell's files and lock, checkpoints and caches left out; the report of all
     assert report_seeds(folder) == {"student": 2, "ce": 2, "rcekd": 2}
     meta = json.loads((folder / "record.json").read_text())
-    assert meta["experiment"] == final and meta["set"] == {"grid.seeds": [0, 1], "grid.methods": ["ce", "rcekd"]}
+    assert meta["set"] == {"grid.seeds": [0, 1], "grid.methods": ["ce", "rcekd"]} and meta["complete"]
+    assert set(meta["cells"]) == {"s0-ce", "s0-rcekd", "s1-ce", "s1-rcekd"} and len(meta["teachers"]["mf"]) == 64
     figures = sorted(folder.glob("figures/*.png"))  # dvc.yaml's five plots, drawn from the record's CSVs
     assert len(figures) == meta["figures"] == 5 and all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in figures)
     assert yaml.safe_load((folder / "params.yaml").read_text())["grid"]["seeds"] == [0, 1]  # the params it ran with
@@ -75,14 +76,36 @@ def test_a_record_runs_its_seeds_on_two_queue_workers_and_the_teacher_once(tmp_p
         assert (folder / f"artifacts/metrics/citeulike/mf_to_mf/rcekd/seed_{seed}.json").exists()
         assert (folder / f"artifacts/citeulike/mf_to_mf/rcekd/seed_{seed}/diagnostics/s_u.csv").exists()
         assert (folder / f"artifacts/citeulike/student_mf/seed_{seed}/history.csv").exists()
+    assert (folder / "artifacts/metrics/citeulike/teacher_mf.json").exists()
     assert not list(folder.rglob("*.pt")) and not (folder / "artifacts/citeulike/teacher_mf/cache").exists()
-    lock = (folder / "dvc.lock").read_text()
-    assert "distill@mf-mf-rcekd-1" in lock and "report" in lock  # the lock of the experiment the files come from
+    lock = yaml.safe_load((folder / "locks/s1-rcekd.lock").read_text())["stages"]  # the lock of the cell's experiment
+    assert "distill@mf-mf-rcekd-1" in lock and "distill@mf-mf-ce-0" not in lock
     # The committed report is what the report code makes of the committed metrics.
+    report = folder / "artifacts/reports/citeulike/results.json"
     run(["rcekd", "report", "--params", str(folder / "params.yaml"), "--metrics", str(folder / "artifacts/metrics/citeulike"),
          "--runs", str(folder / "artifacts/citeulike"), "--table", str(tmp_path / "again.md"), "--json", str(tmp_path / "again.json"),
          "--figures", str(tmp_path / "figures")], repo)
-    assert (tmp_path / "again.json").read_text() == (folder / "artifacts/reports/citeulike/results.json").read_text()
+    assert (tmp_path / "again.json").read_text() == report.read_text()
+
+    # A record cut short (a session ends; its DVC cache is gone with the machine) runs only the cells
+    # record.json lacks, and the same teacher gives the same report.
+    before = report.read_text()
+    del meta["cells"]["s1-rcekd"]
+    meta["complete"] = False
+    (folder / "record.json").write_text(json.dumps(meta))
+    (folder / "artifacts/metrics/citeulike/mf_to_mf/rcekd/seed_1.json").unlink()
+    output = run(["rcekd", "record", "--name", "two", "--jobs", "2"], repo)
+    assert "3 already in" in output and "1 queued experiments" in output, output
+    assert report.read_text() == before and json.loads((folder / "record.json").read_text())["complete"]
+    # A teacher with other weights than the record's cells' stops it before any cell.
+    meta = json.loads((folder / "record.json").read_text())
+    meta["teachers"]["mf"] = "0" * 64
+    del meta["cells"]["s1-ce"]
+    (folder / "record.json").write_text(json.dumps(meta))
+    done = subprocess.run(["rcekd", "record", "--name", "two"], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert done.returncode == 2 and "a record's cells share one teacher" in done.stderr, done.stderr
+    assert "s1-ce" not in json.loads((folder / "record.json").read_text())["cells"]
 
 
 def test_clones_share_a_remote_and_a_third_reports_without_training(tmp_path: Path) -> None:
