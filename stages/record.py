@@ -151,7 +151,10 @@ def main(
     out: Path = typer.Option(None, help="The record's folder (default results/<name>)."),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Run a protocol of record (params: records.<name>.set, over params.yaml), cell by cell into its folder."""
+    """Run a protocol of record (params: records.<name>.set, over params.yaml), cell by cell into its folder.
+
+    Each cell's files land in the folder as soon as its experiment finishes; run again, only the cells
+    its record.json lacks run. Once every cell is in, the report and its figures are made from the folder."""
     try:
         all_params = load_params(params)
         settings = section(all_params, f"records.{name}.set", params)
