@@ -36,7 +36,7 @@ import typer
 from rcekd.io import atomic_path, read_json, write_json
 from stages.common import log
 from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
-from stages.run_queue import experiment_revs, queue, run_all, settle
+from stages.run_queue import experiment_revs, queue, run_all, run_landing, settle
 
 KEPT = (".csv", ".json", ".md")  # the record's files: metrics, histories, timings, diagnostics
 SKIPPED = ("cache", "reports")  # left out: the teacher's score cache; a cell's own one-cell report
@@ -119,28 +119,21 @@ def draw(folder: Path) -> int:
     return drawn
 
 
-def run_cells(record: Record, jobs: int, cells: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]],
-              what: str, every: float = 30.0) -> None:
+def run_cells(record: Record, jobs: int, cells: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]], what: str) -> None:
     """Run the queued `cells` (experiment name → (cell, paths to overwrite, paths to keep)) on the queue;
     each cell's files go into the record as soon as its experiment exists."""
-    runner = subprocess.Popen(["rcekd", "run-queue", "--jobs", str(jobs)])
-    waiting = dict(cells)
-    while waiting:
-        try:
-            runner.wait(timeout=every)
-        except subprocess.TimeoutExpired:
-            pass
-        finished = runner.poll() is not None
-        revs = experiment_revs()
-        for name in [name for name in waiting if name in revs]:
-            cell, overwrite, keep = waiting.pop(name)
-            files = record.copy(revs[name], cell, overwrite=overwrite, keep=keep)
-            record.meta["cells"][cell] = {"experiment": name, "commit": revs[name]}
-            record.save()
-            log(f"record {record.meta['name']}: cell {cell} in ({files} files from {name}); {len(waiting)} to go")
-        if finished:
-            break
-    if runner.wait() != 0 or waiting:
+    left = len(cells)
+
+    def land(name: str, rev: str) -> None:
+        nonlocal left
+        cell, overwrite, keep = cells[name]
+        files = record.copy(rev, cell, overwrite=overwrite, keep=keep)
+        record.meta["cells"][cell] = {"experiment": name, "commit": rev}
+        record.save()
+        left -= 1
+        log(f"record {record.meta['name']}: cell {cell} in ({files} files from {name}); {left} to go")
+
+    if not run_landing(jobs, cells, land, every=30.0):
         raise SystemExit(f"error: the experiments of {what} did not all finish (above); `dvc queue status` lists them; "
                          f"the finished cells are in {record.folder}, and running the command again runs the others")
 

@@ -15,6 +15,7 @@ import re
 import subprocess
 import time
 from collections import Counter
+from typing import Callable, Iterable
 
 import typer
 
@@ -68,6 +69,27 @@ def experiment_revs() -> dict[str, str]:
         if len(parts) == 5 and len(parts[2]) == 2 and len(parts[3]) == 38:
             revs[parts[4]] = rev
     return revs
+
+
+def run_landing(jobs: int, names: Iterable[str], land: Callable[[str, str], None], every: float = 60.0) -> bool:
+    """Run the queue (`rcekd run-queue --jobs N` as a child process) and call land(name, commit) for each
+    experiment of `names` as soon as it exists, so that what finished is kept however the rest ends.
+    True when the queue succeeded and every one of `names` landed."""
+    runner = subprocess.Popen(["rcekd", "run-queue", "--jobs", str(jobs)])
+    waiting = list(names)
+    while waiting:
+        try:
+            runner.wait(timeout=every)
+        except subprocess.TimeoutExpired:
+            pass
+        finished = runner.poll() is not None
+        revs = experiment_revs()
+        for name in [name for name in waiting if name in revs]:
+            waiting.remove(name)
+            land(name, revs[name])
+        if finished:
+            break
+    return runner.wait() == 0 and not waiting
 
 
 def run_all(jobs: int, what: str) -> None:

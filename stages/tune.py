@@ -26,7 +26,7 @@ import typer
 
 from rcekd.io import atomic_path
 from stages.common import log
-from stages.run_queue import experiment_revs, queue, settle
+from stages.run_queue import queue, run_landing, settle
 from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
 
 METRIC = "valid_ndcg@20"
@@ -68,29 +68,21 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def run_recording(jobs: int, method: str, queued: dict[str, dict], rows: list[dict], history: str, out: Path,
-                  every: float = 60.0) -> list[dict]:
+def run_recording(jobs: int, method: str, queued: dict[str, dict], rows: list[dict], history: str, out: Path) -> list[dict]:
     """Run the queue; each trial's row goes into `out` as soon as its experiment exists, so an interrupted
     search keeps (and a rerun skips) every finished trial. Returns all rows."""
-    runner = subprocess.Popen(["rcekd", "run-queue", "--jobs", str(jobs)])
-    waiting = dict(queued)
-    while waiting:
-        try:
-            runner.wait(timeout=every)
-        except subprocess.TimeoutExpired:
-            pass
-        finished = runner.poll() is not None
-        revs = experiment_revs()
-        for name in [name for name in waiting if name in revs]:
-            shown = subprocess.run(["git", "show", f"{revs[name]}:{history}"], capture_output=True, text=True, check=True).stdout
-            best, epoch, epochs = best_of(list(csv.DictReader(shown.splitlines())))
-            rows.append({"trial": name, **waiting.pop(name), METRIC: best, "best_epoch": epoch, "epochs": epochs,
-                         "experiment": revs[name][:10]})
-            write_rows(out, rows)
-            log(f"tune {method}: {name} {METRIC} {best:.5f}; {len(waiting)} to go (in {out})")
-        if finished:
-            break
-    if runner.wait() != 0 or waiting:
+    left = len(queued)
+
+    def land(name: str, rev: str) -> None:
+        nonlocal left
+        shown = subprocess.run(["git", "show", f"{rev}:{history}"], capture_output=True, text=True, check=True).stdout
+        best, epoch, epochs = best_of(list(csv.DictReader(shown.splitlines())))
+        rows.append({"trial": name, **queued[name], METRIC: best, "best_epoch": epoch, "epochs": epochs, "experiment": rev[:10]})
+        write_rows(out, rows)
+        left -= 1
+        log(f"tune {method}: {name} {METRIC} {best:.5f}; {left} to go (in {out})")
+
+    if not run_landing(jobs, queued, land):
         raise SystemExit(f"error: the experiments of the search of {method} did not all finish (above); "
                          f"`dvc queue status` lists them; the finished ones are in {out}, and a rerun runs the others")
     return rows
