@@ -108,7 +108,10 @@ def _parse_times(path: Path, values: pd.Series, column: str) -> np.ndarray:
     if bad.any():
         first = int(np.flatnonzero(bad.to_numpy())[0])
         raise ValueError(f"{path}: {int(bad.sum())} unreadable timestamp(s) in {column!r}, first {values.iloc[first]!r} (row {first + 1})")
-    return ((times - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy().astype(np.int64)
+    try:
+        return ((times - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy().astype(np.int64)
+    except (ValueError, OverflowError) as err:  # a date pandas parsed but cannot count in seconds ('-1': year −1)
+        raise ValueError(f"{path}: a timestamp in {column!r} out of range ({err})") from None
 
 
 @_reader
