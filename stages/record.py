@@ -55,16 +55,55 @@ def weights_sha256(payload: bytes) -> str:
     return digest.hexdigest()
 
 
+def applied(params: dict, settings: dict) -> dict:
+    """`params` with the record's settings (dotted key → value, as `dvc exp run -S`) set."""
+    params = json.loads(json.dumps(params))
+    for dotted, value in settings.items():
+        *path, last = dotted.split(".")
+        node = params
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return params
+
+
+def read(params: dict) -> dict:
+    """What a record's stages read of `params`: the protocol's sections, the dataset's, its backbones'
+    sizes and its methods' sections (not `records`, `tuning`, nor other methods and backbones)."""
+    grid = params["grid"]
+    shared = {key: params.get(key) for key in ("seed", "device", "dataset", "split", "train", "trajectory", "cache",
+                                                 "evaluate", "diagnostics", "grid", "report")}
+    return shared | {"datasets": params["datasets"].get(params["dataset"]),
+                     "teachers": {t: params["backbones"].get(t, {}).get("teacher") for t in grid["teachers"]},
+                     "students": {s: params["backbones"].get(s, {}).get("student") for s in grid["students"]},
+                     "kd": {m: params["kd"].get(m) for m in grid["methods"]}}
+
+
+def differences(old: object, new: object, where: str = "") -> list[str]:
+    """The dotted keys whose values differ between two parameter trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [found for key in sorted(set(old) | set(new), key=str)
+                for found in differences(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))]
+    return [] if old == new else [where]
+
+
 class Record:
     """The folder of a record and its record.json; every change is written at once."""
 
-    def __init__(self, folder: Path, name: str, settings: dict):
+    def __init__(self, folder: Path, name: str, settings: dict, params: dict):
         self.folder = folder
         self.path = folder / "record.json"
         self.meta = read_json(self.path) if self.path.exists() else {}
         if self.meta and self.meta.get("set") != settings:
             raise ParamsError(f"{self.path}: a record of other settings ({self.meta.get('set')}); records.{name}.set is now "
                               f"{settings}: move the folder away (or restore the settings) to start over")
+        kept = folder / "params.yaml"  # the parameters its first cells ran with
+        if self.meta and kept.exists():
+            changed = differences(read(load_params(kept)), read(params))
+            if changed:
+                raise ParamsError(f"{self.path}: params.yaml changed since the record's first cells ran ({', '.join(changed[:5])}"
+                                  f"{', ...' if len(changed) > 5 else ''}); a record's cells share one set of parameters: "
+                                  f"restore them, or move {folder} away to start over")
         self.meta = {"name": name, "command": f"rcekd record --name {name}", "set": settings, "teachers": {}, "cells": {},
                      "complete": False, **self.meta}
 
@@ -157,7 +196,7 @@ def main(
                  for key in ("teachers", "students", "methods", "seeds")}
         dataset = settings.get("dataset", section(all_params, "dataset", params))
         out = out or Path("results") / name
-        record = Record(out, name, settings)
+        record = Record(out, name, settings, applied(all_params, settings))
     except (ParamsError, ValueError) as err:
         fail(err)
     stamp = time.strftime("%m%d-%H%M%S")

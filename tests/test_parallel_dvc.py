@@ -3,7 +3,8 @@
 (a) on one machine, `rcekd record` runs a 2-seed record on two workers of DVC's experiment queue (one
     experiment per cell, `rcekd run-queue`) after the shared upstream was built once; no experiment
     trains the teacher, each cell's files land in the record's folder, whose report is made from them;
-    cut short, the record runs only its missing cells, and a teacher with other weights stops it;
+    cut short, the record runs only its missing cells, and a teacher with other weights or changed
+    parameters stop it;
 (b) on "many machines", two clones sharing a local-directory DVC remote each run one seed and push
     (`dvc push --run-cache`); a third clone pulls and makes the report without training anything.
 """
@@ -106,6 +107,13 @@ def test_a_record_runs_its_cells_on_two_queue_workers_and_lands_each_one(tmp_pat
                           env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     assert done.returncode == 2 and "a record's cells share one teacher" in done.stderr, done.stderr
     assert "s1-ce" not in json.loads((folder / "record.json").read_text())["cells"]
+    # So does a parameter changed since the record's first cells ran (a method's λ, here).
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["kd"]["ce"]["weight"] = 3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = subprocess.run(["rcekd", "record", "--name", "two"], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert done.returncode == 2 and "params.yaml changed since the record's first cells ran (kd.ce.weight)" in done.stderr, done.stderr
 
 
 def test_clones_share_a_remote_and_a_third_reports_without_training(tmp_path: Path) -> None:
