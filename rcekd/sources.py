@@ -48,7 +48,8 @@ def _frame(path: Path, users: list, items: list, **extra) -> pd.DataFrame:
     if not users:
         raise ValueError(f"{path}: no interactions found")
     frame = pd.DataFrame({"user": pd.Series(users, dtype=str), "item": pd.Series(items, dtype=str), **extra})
-    empty = ((frame["user"].str.strip() == "") | (frame["item"].str.strip() == "")).to_numpy()
+    blank = lambda ids: ids.isna() | (ids.str.strip() == "")  # noqa: E731  (a JSON null is a missing id too)
+    empty = (blank(frame["user"]) | blank(frame["item"])).to_numpy()
     if empty.any():
         first = int(np.flatnonzero(empty)[0])
         raise ValueError(f"{path}: {int(empty.sum())} interaction(s) with an empty user or item id, first at row {first + 1}")

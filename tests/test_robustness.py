@@ -86,6 +86,7 @@ JSON_VALUES = st.one_of(st.none(), st.integers(-5, 5), st.floats(allow_nan=True)
 @given(records=st.lists(st.dictionaries(st.sampled_from(["user_id", "business_id", "stars", "date", "x"]), JSON_VALUES),
                         max_size=6),
        junk=st.lists(st.sampled_from(["", "{", "[1, 2]", "null", '"text"']), max_size=2))
+@example(records=[{"user_id": None, "stars": 4, "date": 0, "business_id": "b"}], junk=[])  # a null id: missing, not NaN
 def test_yelp_parser_on_malformed_records(records, junk):
     with tempfile.TemporaryDirectory() as tmp:
         lines = [json.dumps(r) for r in records] + junk
