@@ -10,19 +10,28 @@ each experiment's history, go to a CSV (default artifacts/tuning/<dataset>/<T>_t
 best first, as each trial finishes; a rerun skips the trials the CSV already holds, so an interrupted
 search (a killed process, a lost machine) loses only its unfinished trials. The best trial's values are
 printed as the `-S` flags that select them.
+
+`--direct` runs the same trials without DVC, on a machine that has no DVC (a lent GPU machine): each
+trial is the stage's own command (`rcekd train` or `rcekd distill`) on the workspace's processed data
+and teacher files, with a params file that is params.yaml plus the trial's values, its outputs in a
+scratch folder; `--jobs` trials run at once. Its rows name the device in `experiment` (`direct:<device>`).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import itertools
 import json
+import os
 import random
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import typer
+import yaml
 
 from rcekd.io import atomic_path
 from stages.common import log
@@ -88,6 +97,71 @@ def run_recording(jobs: int, method: str, queued: dict[str, dict], rows: list[di
     return rows
 
 
+def with_values(params: dict, values: dict) -> dict:
+    """A copy of `params` with each dotted key of `values` set (as DVC's `-S ++key=value`)."""
+    params = copy.deepcopy(params)
+    for key, value in values.items():
+        *parents, last = key.split(".")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return params
+
+
+def direct_command(method: str, teacher: str, student: str, seed: int, dataset: str, run: Path) -> list[str]:
+    """The training stage's command of dvc.yaml (train_student or distill) with its outputs in `run`."""
+    data, teacher_dir = f"data/processed/{dataset}", f"artifacts/{dataset}/teacher_{teacher}"
+    outputs = ["--out", str(run / "checkpoint.pt"), "--history", str(run / "history.csv"),
+               "--timing", str(run / "timing.csv"), "--params", str(run / "params.yaml")]
+    if method == "student":
+        return ["train", "--role", "student", "--backbone", student, "--seed", str(seed), "--data", data, *outputs]
+    return ["distill", "--method", method, "--student", student, "--seed", str(seed), "--data", data,
+            "--cache", f"{teacher_dir}/cache", "--teacher", f"{teacher_dir}/checkpoint.pt",
+            "--trajectory", f"{teacher_dir}/trajectory.parquet", *outputs]
+
+
+def device_label(params: dict) -> str:
+    """`direct:` and the device the runs use (params `device`: auto takes CUDA when available)."""
+    import torch
+
+    if params.get("device", "auto") != "cpu" and torch.cuda.is_available():
+        return f"direct:{torch.cuda.get_device_name(0)}"
+    return "direct:cpu"
+
+
+def run_direct(jobs: int, method: str, queued: dict[str, dict], commands: dict[str, list[str]], rows: list[dict],
+               out: Path, scratch: Path, label: str) -> list[dict]:
+    """Run each trial's command, `jobs` at once; its row goes into `out` as soon as it finishes. Returns all rows."""
+    waiting, running, failed = list(queued), {}, []
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            name = waiting.pop(0)
+            log_file = open(scratch / name / "log.txt", "w")
+            running[name] = (subprocess.Popen([sys.executable, "-m", "stages.cli", *commands[name]],
+                                              stdout=log_file, stderr=subprocess.STDOUT), log_file)
+        time.sleep(1)
+        for name, (process, log_file) in list(running.items()):
+            if process.poll() is None:
+                continue
+            log_file.close()
+            del running[name]
+            if process.returncode != 0:
+                failed.append(name)
+                tail = (scratch / name / "log.txt").read_text().strip().splitlines()[-5:]
+                log(f"tune {method}: {name} failed (exit {process.returncode}):\n  " + "\n  ".join(tail))
+                continue
+            history = list(csv.DictReader((scratch / name / "history.csv").open()))
+            best, epoch, epochs = best_of(history)
+            rows.append({"trial": name, **queued[name], METRIC: best, "best_epoch": epoch, "epochs": epochs, "experiment": label})
+            write_rows(out, rows)
+            log(f"tune {method}: {name} {METRIC} {best:.5f}; {len(waiting) + len(running)} to go (in {out})")
+    if failed:
+        raise SystemExit(f"error: trials {', '.join(failed)} of the search of {method} failed (their logs: {scratch}); "
+                         f"the finished ones are in {out}, and a rerun runs the others")
+    return rows
+
+
 def run_name(method: str, teacher: str, student: str, seed: int) -> tuple[str, str]:
     """(target stage, run directory under artifacts/<dataset>) of a trial."""
     if method == "student":
@@ -103,6 +177,9 @@ def main(
     jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="Queue workers (rcekd run-queue)."),
     budget: int = typer.Option(None, "--trials", min=1, help="Trials to run (default tuning.trials; fewer where one costs much more)."),
     out: Path = typer.Option(None, help="The trials' CSV (default artifacts/tuning/<dataset>/<T>_to_<S>/<method>.csv)."),
+    direct: bool = typer.Option(False, "--direct", help="Run the trials as the stage's own command, without DVC "
+                                "(a machine without DVC, such as a lent GPU); needs the processed data and teacher files in place."),
+    scratch: Path = typer.Option(Path(".tune"), help="With --direct: the folder of each trial's params, outputs and log."),
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Queue and run a method's trials (params: tuning), then write them to a CSV, best first."""
@@ -127,7 +204,22 @@ def main(
     todo = [values for values in chosen if trial_key(values, space) not in done]
     log(f"tune {method}: {len(chosen)} trials of {len(list(itertools.product(*space.values())))} ({target}, validation only)"
         + (f"; {len(chosen) - len(todo)} already in {out}" if done else ""))
-    if todo:
+    if todo and direct:
+        names = [f"direct-{space_name}-{chosen.index(values)}" for values in todo]
+        needed = [Path(f"data/processed/{dataset}")]
+        if method != "student":
+            needed += [Path(f"artifacts/{dataset}/teacher_{teacher}") / name for name in ("cache", "checkpoint.pt", "trajectory.parquet")]
+        missing = [str(path) for path in needed if not path.exists()]
+        if missing:
+            fail(ParamsError(f"--direct needs {', '.join(missing)} (dvc repro cache_teacher@{teacher} makes them)"))
+        commands = {}
+        for name, values in zip(names, todo):
+            run = scratch / space_name / name
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "params.yaml").write_text(yaml.safe_dump(with_values(all_params, values), sort_keys=False))
+            commands[name] = direct_command(method, teacher, student, seed, dataset, run)
+        rows = run_direct(jobs, method, dict(zip(names, todo)), commands, rows, out, scratch / space_name, device_label(all_params))
+    elif todo:
         names, stamp = [], time.strftime("%m%d-%H%M%S")  # experiment names are unique per search
         grid = {"grid.teachers": [teacher], "grid.students": [student], "grid.seeds": [seed]}
         grid |= {} if method == "student" else {"grid.methods": [method]}

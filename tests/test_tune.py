@@ -57,3 +57,12 @@ def test_tune_runs_validation_only_trials_and_ranks_them(tmp_path: Path) -> None
     rows_after = list(csv.DictReader(out.read_text().splitlines()))
     assert rows[0]["trial"] in {row["trial"] for row in rows_after}  # the kept trial stays, not run again
     assert sorted(float(row["kd.rcekd.student_weight_decay"]) for row in rows_after) == [0.00001, 0.001]
+    # --direct runs the same trials without DVC (a machine without it): the same command on the same
+    # params, so the same rows, labelled with the device instead of an experiment.
+    direct = run(["rcekd", "tune", "--method", "rcekd", "--jobs", "2", "--direct", "--out", "direct.csv"], repo)
+    assert "2 trials of 2" in direct and "queued" not in direct, direct
+    direct_rows = list(csv.DictReader((repo / "direct.csv").read_text().splitlines()))
+    key = "kd.rcekd.student_weight_decay"
+    assert {(row[key], row["valid_ndcg@20"], row["epochs"]) for row in direct_rows} == \
+        {(row[key], row["valid_ndcg@20"], row["epochs"]) for row in rows_after}
+    assert {row["experiment"] for row in direct_rows} == {"direct:cpu"}
