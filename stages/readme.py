@@ -8,8 +8,8 @@ to the repository root:
   where they exist (results/paper/table1.csv), best epoch and epochs run; then the target against every
   baseline with its paired t-test.
 - `datasets FOLDER`: preprocessing's statistics, one row per <dataset>.json.
-- `tuning FOLDER`: the searches' CSVs (rcekd tune), one row per method: trials, the chosen values, best
-  validation NDCG@20.
+- `tuning FOLDER`: the searches' CSVs (rcekd tune), one row per method: trials (and how many ran with
+  `--direct`, on which device), the chosen values, best validation NDCG@20.
 `rcekd readme --check` (a test runs it) fails when README differs from what the files give.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import difflib
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -111,7 +112,9 @@ def tuning_block(folder: Path) -> str:
         values = ", ".join(f"{key.split('.')[-1]} {chosen[key]}" for key in chosen if key not in NOT_PARAMS)
         others = [float(row[METRIC]) for row in rows[1:]]
         spread = f"{min(others):.4f}–{max(others):.4f}" if others else ""
-        lines.append(f"| {path.stem} | {len(rows)} | {values} | {float(chosen[METRIC]):.4f} | {spread} | "
+        direct = Counter(row["experiment"].removeprefix("direct:") for row in rows if row["experiment"].startswith("direct:"))
+        where = "".join(f" ({count} on {device})" for device, count in sorted(direct.items()))
+        lines.append(f"| {path.stem} | {len(rows)}{where} | {values} | {float(chosen[METRIC]):.4f} | {spread} | "
                      f"{chosen['best_epoch']} / {chosen['epochs']} | `{path.name}` |")
     return "\n".join(lines) + "\n"
 

@@ -44,14 +44,14 @@ def test_the_tuning_table_shows_each_search_best_first(tmp_path: Path) -> None:
     rows = [
         {"trial": "t1", "kd.rcekd.weight": 10, "valid_ndcg@20": 0.05, "best_epoch": 90, "epochs": 120, "experiment": "ab"},
         {"trial": "t0", "kd.rcekd.weight": 1, "valid_ndcg@20": 0.04, "best_epoch": 50, "epochs": 80, "experiment": "cd"},
-        {"trial": "t2", "kd.rcekd.weight": 100, "valid_ndcg@20": 0.03, "best_epoch": 20, "epochs": 50, "experiment": "ef"},
+        {"trial": "t2", "kd.rcekd.weight": 100, "valid_ndcg@20": 0.03, "best_epoch": 20, "epochs": 50, "experiment": "direct:NVIDIA H200"},
     ]
     with open(tmp_path / "rcekd.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     table = tuning_block(tmp_path)
-    assert "| rcekd | 3 | weight 10 | 0.0500 | 0.0300–0.0400 | 90 / 120 | `rcekd.csv` |" in table
+    assert "| rcekd | 3 (1 on NVIDIA H200) | weight 10 | 0.0500 | 0.0300–0.0400 | 90 / 120 | `rcekd.csv` |" in table
 
 
 def test_an_unknown_block_is_an_error_naming_it() -> None:
