@@ -6,7 +6,8 @@ to the repository root:
   does for `make run` and results/<name> for a record): per setting, every run's test Recall@20 and
   NDCG@20 (mean ± std over seeds), its change against the student alone, the paper's Table 1 values
   where they exist (results/paper/table1.csv), best epoch and epochs run; then the target against every
-  baseline with its paired t-test.
+  baseline with its paired t-test. A record of the sequential protocol (split.mode leave_one_out) is
+  shown at 10 beside the paper's Table 12 (results/paper/table12.csv), as the paper reports it.
 - `datasets FOLDER`: preprocessing's statistics, one row per <dataset>.json.
 - `tuning FOLDER`: the searches' CSVs (rcekd tune), one row per method: trials (and how many ran with
   `--direct`, on which device), the chosen values, best validation NDCG@20.
@@ -30,7 +31,9 @@ from rcekd.report import run_path
 from stages.tune import METRIC, best_of
 
 BLOCK = re.compile(r"(<!-- readme: (\w+) (\S+) -->\n)(.*?)(<!-- readme: end -->)", re.S)
-PAPER = Path("results/paper/table1.csv")  # the paper's Table 1: setting, run, recall@20, ndcg@20
+# The paper's values a run block shows, by protocol: Table 1 at 20 (setting, run, recall@20, ndcg@20); with
+# split.mode leave_one_out, the sequential Table 12 at 10 (App. D.1: setting, run, recall@10, ndcg@10)
+PAPERS = {False: (20, Path("results/paper/table1.csv")), True: (10, Path("results/paper/table12.csv"))}
 NOT_PARAMS = {"trial", METRIC, "best_epoch", "epochs", "experiment"}
 
 
@@ -60,8 +63,10 @@ def run_block(folder: Path) -> str:
     """The tables of one pipeline's report (results.json), as described in the module's docstring."""
     params = yaml.safe_load((folder / "params.yaml").read_text())
     dataset, seeds = params["dataset"], params["grid"]["seeds"]
+    k, paper_file = PAPERS[params.get("split", {}).get("mode", "chronological") == "leave_one_out"]
+    recall, ndcg = f"recall@{k}", f"ndcg@{k}"
     report = read_json(folder / "artifacts/reports" / dataset / "results.json")
-    paper = {(row["setting"], row["run"]): row for row in csv.DictReader(PAPER.open())} if PAPER.exists() else {}
+    paper = {(row["setting"], row["run"]): row for row in csv.DictReader(paper_file.open())} if paper_file.exists() else {}
     lines = [f"From `{folder / 'artifacts/reports' / dataset / 'results.json'}` ({len(seeds)} seed(s) {seeds}; test split, full ranking):", ""]
     for setting, block in report.items():
         if setting == "teachers":
@@ -72,26 +77,26 @@ def run_block(folder: Path) -> str:
                  for name, summary in block["runs"].items()}
         alone = block["runs"].get("student")
         lines += [f"**{teacher} → {student}**", "",
-                  "| run | test Recall@20 | test NDCG@20 | NDCG@20 vs student | paper R@20 / N@20 | best epoch / epochs |",
+                  f"| run | test Recall@{k} | test NDCG@{k} | NDCG@{k} vs student | paper R@{k} / N@{k} | best epoch / epochs |",
                   "|---|---:|---:|---:|---:|---:|"]
         for label, (summary, name, run_seeds) in runs.items():
             key = "teacher" if label.startswith("teacher") else label
             theirs = paper.get((setting, key))
-            vs = _change(summary["ndcg@20"]["mean"], alone["ndcg@20"]["mean"]) if alone and key != "student" else ""
-            lines.append(f"| {label} | {_cell(summary['recall@20'])} | {_cell(summary['ndcg@20'])} | {vs} | "
-                         f"{theirs['recall@20'] + ' / ' + theirs['ndcg@20'] if theirs else ''} | {_epochs(folder, dataset, name, run_seeds)} |")
+            vs = _change(summary[ndcg]["mean"], alone[ndcg]["mean"]) if alone and key != "student" else ""
+            lines.append(f"| {label} | {_cell(summary[recall])} | {_cell(summary[ndcg])} | {vs} | "
+                         f"{theirs[recall] + ' / ' + theirs[ndcg] if theirs else ''} | {_epochs(folder, dataset, name, run_seeds)} |")
         lines.append("")
         each, best = block.get("vs_each_baseline"), block.get("vs_best_baseline")
         if each:
             target = best["target"]
             lines += [f"`{target}` against each baseline (change of the means; p: paired t-test over seeds, two-sided):", "",
-                      "| baseline | Recall@20 | p | NDCG@20 | p |", "|---|---:|---:|---:|---:|"]
-            lines += [f"| {name} | {_percent(c['recall@20'])} | {_p(c['recall@20']['p_value'])} | {_percent(c['ndcg@20'])} | {_p(c['ndcg@20']['p_value'])} |"
+                      f"| baseline | Recall@{k} | p | NDCG@{k} | p |", "|---|---:|---:|---:|---:|"]
+            lines += [f"| {name} | {_percent(c[recall])} | {_p(c[recall]['p_value'])} | {_percent(c[ndcg])} | {_p(c[ndcg]['p_value'])} |"
                       for name, c in each.items()]
-            n = best["ndcg@20"]
+            n = best[ndcg]
             verdict = ("no test with one seed" if n["p_value"] is None else
                        "significant at p < 0.05" if n["p_value"] < 0.05 else "not significant at p < 0.05")
-            lines += ["", f"The best baseline by NDCG@20 is `{n['baseline']}`: `{target}` changes its NDCG@20 by "
+            lines += ["", f"The best baseline by NDCG@{k} is `{n['baseline']}`: `{target}` changes its NDCG@{k} by "
                           f"{_percent(n)} (p = {_p(n['p_value'])}, {n['paired_seeds']} paired seeds, {verdict}).", ""]
     return "\n".join(lines)
 

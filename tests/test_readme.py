@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stages.readme import render, tuning_block
 from tests.dvc_repo import ROOT
@@ -38,6 +39,26 @@ def test_a_changed_metric_changes_the_generated_table(tmp_path: Path, monkeypatc
     path.write_text(json.dumps(report))
     second = render(first)
     assert "| rcekd | " in second and "| 0.5000 |" in second and second != first
+
+
+def test_a_sequential_record_is_shown_at_10_beside_table_12(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    histories = [path.relative_to(ROOT) for path in (ROOT / "artifacts/citeulike").rglob("history.csv")]
+    for path in ["artifacts/reports/citeulike/results.json", *histories]:
+        target = tmp_path / "record" / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / path, target)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["split"]["mode"] = "leave_one_out"
+    (tmp_path / "record/params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(ROOT / "results/paper", tmp_path / "results/paper")
+    monkeypatch.chdir(tmp_path)
+    table = render("<!-- readme: run record -->\n<!-- readme: end -->\n")
+    report = json.loads((tmp_path / "record/artifacts/reports/citeulike/results.json").read_text())
+    rcekd = report["mf_to_mf"]["runs"]["rcekd"]
+    assert "| run | test Recall@10 | test NDCG@10 | NDCG@10 vs student | paper R@10 / N@10 |" in table
+    assert f"| rcekd | {rcekd['recall@10']['mean']:.4f} | {rcekd['ndcg@10']['mean']:.4f} |" in table
+    assert "| 0.0077 / 0.0063 |" in table  # Table 12's CiteULike MF teacher
+    assert "@20" not in table.replace("valid NDCG@20", "")
 
 
 def test_the_tuning_table_shows_each_search_best_first(tmp_path: Path) -> None:
