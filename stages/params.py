@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import re
@@ -124,6 +125,18 @@ def validate(params: dict, path: Path) -> None:
                     problems.append(f"grid.{key} names {name!r}, which is not a section of {where}; valid: {', '.join(defined)}")
     if problems:
         raise ParamsError(f"{path}: " + ("; ".join(problems) if len(problems) == 1 else f"{len(problems)} problems:\n  " + "\n  ".join(problems)))
+
+
+def with_settings(params: dict, settings: dict) -> dict:
+    """A copy of `params` with each setting (dotted key → value, as DVC's `-S ++key=value`) set."""
+    params = copy.deepcopy(params)
+    for dotted, value in settings.items():
+        *path, last = dotted.split(".")
+        node = params
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return params
 
 
 def section(params: dict, dotted: str, path: Path = Path("params.yaml")) -> Any:

@@ -35,7 +35,7 @@ import typer
 
 from rcekd.io import atomic_path, read_json, write_json
 from stages.common import log
-from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
+from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section, with_settings
 from stages.run_queue import experiment_revs, queue, run_all, run_landing, settle
 
 KEPT = (".csv", ".json", ".md")  # the record's files: metrics, histories, timings, diagnostics
@@ -53,18 +53,6 @@ def weights_sha256(payload: bytes) -> str:
         digest.update(name.encode())
         digest.update(state[name].contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def applied(params: dict, settings: dict) -> dict:
-    """`params` with the record's settings (dotted key → value, as `dvc exp run -S`) set."""
-    params = json.loads(json.dumps(params))
-    for dotted, value in settings.items():
-        *path, last = dotted.split(".")
-        node = params
-        for key in path:
-            node = node.setdefault(key, {})
-        node[last] = value
-    return params
 
 
 def read(params: dict) -> dict:
@@ -196,7 +184,7 @@ def main(
                  for key in ("teachers", "students", "methods", "seeds")}
         dataset = settings.get("dataset", section(all_params, "dataset", params))
         out = out or Path("results") / name
-        record = Record(out, name, settings, applied(all_params, settings))
+        record = Record(out, name, settings, with_settings(all_params, settings))
     except (ParamsError, ValueError) as err:
         fail(err)
     stamp = time.strftime("%m%d-%H%M%S")

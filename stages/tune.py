@@ -19,11 +19,9 @@ scratch folder; `--jobs` trials run at once. Its rows name the device in `experi
 
 from __future__ import annotations
 
-import copy
 import csv
 import itertools
 import json
-import os
 import random
 import subprocess
 import sys
@@ -36,7 +34,7 @@ import yaml
 from rcekd.io import atomic_path
 from stages.common import log
 from stages.run_queue import queue, run_landing, settle
-from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section
+from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section, with_settings
 
 METRIC = "valid_ndcg@20"
 
@@ -95,18 +93,6 @@ def run_recording(jobs: int, method: str, queued: dict[str, dict], rows: list[di
         raise SystemExit(f"error: the experiments of the search of {method} did not all finish (above); "
                          f"`dvc queue status` lists them; the finished ones are in {out}, and a rerun runs the others")
     return rows
-
-
-def with_values(params: dict, values: dict) -> dict:
-    """A copy of `params` with each dotted key of `values` set (as DVC's `-S ++key=value`)."""
-    params = copy.deepcopy(params)
-    for key, value in values.items():
-        *parents, last = key.split(".")
-        node = params
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return params
 
 
 def direct_command(method: str, teacher: str, student: str, seed: int, dataset: str, run: Path) -> list[str]:
@@ -216,7 +202,7 @@ def main(
         for name, values in zip(names, todo):
             run = scratch / space_name / name
             run.mkdir(parents=True, exist_ok=True)
-            (run / "params.yaml").write_text(yaml.safe_dump(with_values(all_params, values), sort_keys=False))
+            (run / "params.yaml").write_text(yaml.safe_dump(with_settings(all_params, values), sort_keys=False))
             commands[name] = direct_command(method, teacher, student, seed, dataset, run)
         rows = run_direct(jobs, method, dict(zip(names, todo)), commands, rows, out, scratch / space_name, device_label(all_params))
     elif todo:
