@@ -7,7 +7,8 @@ to the repository root:
   NDCG@20 (mean ± std over seeds), its change against the student alone, the paper's Table 1 values
   where they exist (results/paper/table1.csv), best epoch and epochs run; then the target against every
   baseline with its paired t-test. A record of the sequential protocol (split.mode leave_one_out) is
-  shown at 10 beside the paper's Table 12 (results/paper/table12.csv), as the paper reports it.
+  shown at 10 beside the paper's Table 12 (results/paper/table12.csv), as the paper reports it. A record's
+  runs made without DVC (`rcekd record --direct`) are counted by device.
 - `datasets FOLDER`: preprocessing's statistics, one row per <dataset>.json.
 - `tuning FOLDER`: the searches' CSVs (rcekd tune), one row per method: trials (and how many ran with
   `--direct`, on which device), the chosen values, best validation NDCG@20.
@@ -67,7 +68,8 @@ def run_block(folder: Path) -> str:
     recall, ndcg = f"recall@{k}", f"ndcg@{k}"
     report = read_json(folder / "artifacts/reports" / dataset / "results.json")
     paper = {(row["setting"], row["run"]): row for row in csv.DictReader(paper_file.open())} if paper_file.exists() else {}
-    lines = [f"From `{folder / 'artifacts/reports' / dataset / 'results.json'}` ({len(seeds)} seed(s) {seeds}; test split, full ranking):", ""]
+    lines = [f"From `{folder / 'artifacts/reports' / dataset / 'results.json'}` ({len(seeds)} seed(s) {seeds}; test split, full ranking"
+             f"{_direct(folder / 'record.json')}):", ""]
     for setting, block in report.items():
         if setting == "teachers":
             continue
@@ -99,6 +101,17 @@ def run_block(folder: Path) -> str:
             lines += ["", f"The best baseline by NDCG@{k} is `{n['baseline']}`: `{target}` changes its NDCG@{k} by "
                           f"{_percent(n)} (p = {_p(n['p_value'])}, {n['paired_seeds']} paired seeds, {verdict}).", ""]
     return "\n".join(lines)
+
+
+def _direct(record: Path) -> str:
+    """A record's runs made without DVC (`rcekd record --direct`), by device: the teachers and the cells."""
+    if not record.exists():
+        return ""
+    meta = read_json(record)
+    runs = [meta.get("upstream", "")] + [cell["experiment"] for cell in meta["cells"].values()]
+    devices = Counter(run.removeprefix("direct:") for run in runs if run.startswith("direct:"))
+    return "".join(f"; {n} of its {len(runs)} runs (the teachers, each cell) with `rcekd record --direct` on {device}"
+                   for device, n in devices.items())
 
 
 def _percent(compared: dict) -> str:

@@ -16,6 +16,12 @@ that experiment's outputs). Run again, the command runs only the cells record.js
 3. Once every cell is in, the report is made from the folder's own files by the report stage's code
    (`rcekd report` on the folder), and its figures are drawn as PNG (figures/).
 
+`--direct` runs the same stages without DVC (a machine that has none, such as a lent GPU): dvc.yaml's
+commands, rendered with the record's params, in a scratch workspace (stages/direct.py), the teachers
+first, then `--jobs` cells at once; each cell lands the same way, without a lock, its record.json entry
+naming the device (`direct:<device>`). Once every cell is in, the report is made by a run where DVC is
+(its figures are drawn by `dvc plots`).
+
 Every file is written whole or not at all, and a cell counts as in only once record.json lists it.
 """
 
@@ -30,11 +36,13 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Protocol
 
 import typer
 
 from rcekd.io import atomic_path, read_json, write_json
 from stages.common import log
+from stages.direct import Workspace, device_label
 from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section, with_settings
 from stages.run_queue import experiment_revs, queue, run_all, run_landing, settle
 
@@ -75,6 +83,34 @@ def differences(old: object, new: object, where: str = "") -> list[str]:
     return [] if old == new else [where]
 
 
+class Source(Protocol):
+    """Where a run's files are read from: an experiment (DVC's DVCFileSystem at its commit) or a Folder."""
+
+    def find(self, path: str) -> list[str]: ...
+    def exists(self, path: str) -> bool: ...
+    def get_file(self, source: str, target: str) -> None: ...
+    def read_bytes(self, path: str) -> bytes: ...
+
+
+class Folder:
+    """A direct run's workspace as a Source."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def find(self, path: str) -> list[str]:
+        return sorted(found.relative_to(self.root).as_posix() for found in (self.root / path).rglob("*") if found.is_file())
+
+    def exists(self, path: str) -> bool:
+        return (self.root / path).exists()
+
+    def get_file(self, source: str, target: str) -> None:
+        shutil.copyfile(self.root / source, target)
+
+    def read_bytes(self, path: str) -> bytes:
+        return (self.root / path).read_bytes()
+
+
 class Record:
     """The folder of a record and its record.json; every change is written at once."""
 
@@ -98,15 +134,21 @@ class Record:
     def save(self) -> None:
         write_json(self.path, self.meta)
 
-    def copy(self, rev: str, cell: str, *, keep: tuple[str, ...] = (), overwrite: tuple[str, ...] = ()) -> int:
-        """Copy experiment `rev`'s dvc.lock (to locks/<cell>.lock; the teachers' only the first time) and its
-        small artifacts: those under a path of `overwrite` always, those under a path of `keep` only when the
-        folder lacks them; also params.yaml and dvc.yaml, once. Returns the files copied."""
-        from dvc.fs import DVCFileSystem
+    def land(self, cell: str, fs: Source, entry: dict, overwrite: tuple[str, ...], keep: tuple[str, ...]) -> None:
+        """A finished cell's files into the folder, then the cell into record.json (`entry`: its DVC experiment
+        and commit, or `direct:<device>`)."""
+        files = self.copy(fs, cell, overwrite=overwrite, keep=keep)
+        self.meta["cells"][cell] = entry
+        self.save()
+        log(f"record {self.meta['name']}: cell {cell} in ({files} files from {entry['experiment']}); "
+            f"{len(self.meta['cells'])} cells in {self.folder}")
 
-        fs = DVCFileSystem(url=".", rev=rev)
+    def copy(self, fs: Source, cell: str, *, keep: tuple[str, ...] = (), overwrite: tuple[str, ...] = ()) -> int:
+        """Copy a run's dvc.lock, when it has one (to locks/<cell>.lock; the teachers' only the first time), and
+        its small artifacts: those under a path of `overwrite` always, those under a path of `keep` only when
+        the folder lacks them; also params.yaml and dvc.yaml, once. Returns the files copied."""
         lock = self.folder / "locks" / f"{cell}.lock"
-        wanted = {} if cell == "upstream" and lock.exists() else {"dvc.lock": lock}
+        wanted = {} if (cell == "upstream" and lock.exists()) or not fs.exists("dvc.lock") else {"dvc.lock": lock}
         wanted |= {name: self.folder / name for name in ("params.yaml", "dvc.yaml") if not (self.folder / name).exists()}
         for path in fs.find("artifacts"):
             if not path.endswith(KEPT) or set(Path(path).parts) & set(SKIPPED):
@@ -146,19 +188,18 @@ def draw(folder: Path) -> int:
     return drawn
 
 
+def experiment(rev: str) -> Source:
+    from dvc.fs import DVCFileSystem
+
+    return DVCFileSystem(url=".", rev=rev)
+
+
 def run_cells(record: Record, jobs: int, cells: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]], what: str) -> None:
     """Run the queued `cells` (experiment name → (cell, paths to overwrite, paths to keep)) on the queue;
     each cell's files go into the record as soon as its experiment exists."""
-    left = len(cells)
-
     def land(name: str, rev: str) -> None:
-        nonlocal left
         cell, overwrite, keep = cells[name]
-        files = record.copy(rev, cell, overwrite=overwrite, keep=keep)
-        record.meta["cells"][cell] = {"experiment": name, "commit": rev}
-        record.save()
-        left -= 1
-        log(f"record {record.meta['name']}: cell {cell} in ({files} files from {name}); {left} to go")
+        record.land(cell, experiment(rev), {"experiment": name, "commit": rev}, overwrite, keep)
 
     if not run_landing(jobs, cells, land, every=30.0):
         raise SystemExit(f"error: the experiments of {what} did not all finish (above); `dvc queue status` lists them; "
@@ -167,8 +208,11 @@ def run_cells(record: Record, jobs: int, cells: dict[str, tuple[str, tuple[str, 
 
 def main(
     name: str = typer.Option(..., help="A record of `records` in params.yaml (e.g. citeulike_mf)."),
-    jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="Queue workers (rcekd run-queue): cells at once."),
+    jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="Cells at once (queue workers, or direct runs)."),
     out: Path = typer.Option(None, help="The record's folder (default results/<name>)."),
+    direct: bool = typer.Option(False, "--direct", help="Run dvc.yaml's stages as their own commands, without DVC "
+                                "(a machine without DVC, such as a lent GPU), in --scratch; the report is made where DVC is."),
+    scratch: Path = typer.Option(Path(".record"), help="With --direct: the folder of each record's workspace (<scratch>/<name>)."),
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Run a protocol of record (params: records.<name>.set, over params.yaml), cell by cell into its folder.
@@ -185,36 +229,43 @@ def main(
         dataset = settings.get("dataset", section(all_params, "dataset", params))
         out = out or Path("results") / name
         record = Record(out, name, settings, with_settings(all_params, settings))
-    except (ParamsError, ValueError) as err:
+        workspace = Workspace(scratch / name, with_settings(all_params, settings)) if direct else None
+    except (ParamsError, ValueError, KeyError) as err:
         fail(err)
     stamp = time.strftime("%m%d-%H%M%S")
     prefix = f"record-{name}-{stamp}"
     cells = [(seed, method) for seed in lists["seeds"] for method in lists["methods"]]
     todo = [cell for cell in cells if f"s{cell[0]}-{cell[1]}" not in record.meta["cells"]]
     log(f"record {name}: {len(cells)} cells ({len(lists['seeds'])} seeds x {len(lists['methods'])} methods), "
-        f"{len(cells) - len(todo)} already in {out}; {jobs} workers ({settings})")
+        f"{len(cells) - len(todo)} already in {out}; {jobs} {'direct runs' if direct else 'workers'} ({settings})")
 
-    if todo or not record.meta["complete"]:
-        # The teachers once: restored from the run cache when the default pipeline trained them in this session.
-        settle()
-        queue(f"{prefix}-upstream", settings, "cache_teacher", "evaluate_teacher")
-        run_all(1, f"the record {name} (its teachers)")
-        rev = experiment_revs()[f"{prefix}-upstream"]
-        from dvc.fs import DVCFileSystem
-
-        fs = DVCFileSystem(url=".", rev=rev)
+    if todo:  # the teachers once: restored from the run cache when the default pipeline trained them in this session
+        if workspace:
+            label = device_label(with_settings(all_params, settings))
+            upstream = ["preprocess"] + [f"{stage}@{t}" for t in lists["teachers"]
+                                         for stage in ("train_teacher", "cache_teacher", "evaluate_teacher")]
+            if workspace.run({"upstream": upstream}, 1, lambda _: None):
+                raise SystemExit(f"error: the teachers of the record {name} did not finish (above); running the command again resumes them")
+            fs: Source = Folder(workspace.folder)
+        else:
+            settle()
+            label = f"{prefix}-upstream"
+            queue(label, settings, "cache_teacher", "evaluate_teacher")
+            run_all(1, f"the record {name} (its teachers)")
+            fs = experiment(experiment_revs()[label])
         found = {teacher: weights_sha256(fs.read_bytes(f"artifacts/{dataset}/teacher_{teacher}/checkpoint.pt"))
                  for teacher in lists["teachers"]}
         for teacher, digest in found.items():
             kept = record.meta["teachers"].get(teacher)
             if kept is not None and kept != digest:
-                fail(ParamsError(f"{record.path}: this session's teacher {teacher} has weights sha256 {digest[:16]}..., "
-                                 f"the record's cells were made with {kept[:16]}... (another CPU type or other code trains "
-                                 f"other weights); a record's cells share one teacher: run it where the teacher is the same, "
-                                 f"or move {out} away to start over"))
+                fail(ParamsError(f"{record.path}: this run's teacher {teacher} has weights sha256 {digest[:16]}..., "
+                                 f"the record's cells were made with {kept[:16]}... (another CPU type, a GPU or other code "
+                                 f"trains other weights); a record's cells share one teacher: run it where the teacher is the "
+                                 f"same, or move {out} away to start over"))
         teacher_paths = tuple(f"artifacts/{sub}/teacher_{t}" for t in lists["teachers"] for sub in (dataset, f"metrics/{dataset}"))
-        record.copy(rev, "upstream", keep=teacher_paths)
+        record.copy(fs, "upstream", keep=teacher_paths)
         record.meta["teachers"] = found
+        record.meta.setdefault("upstream", label)
         record.save()
 
     def paths(seed: int, method: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -224,19 +275,37 @@ def main(
         alone = tuple(f"artifacts/{sub}/student_{s}/seed_{seed}" for s in lists["students"] for sub in (dataset, f"metrics/{dataset}"))
         return own, alone
 
+    def chain(seed: int, method: str) -> list[str]:
+        """A cell's stages in dvc.yaml's order (the student alone's are done once per seed)."""
+        alone = [f"{stage}@{s}-{seed}" for s in lists["students"] for stage in ("train_student", "evaluate_student")]
+        return alone + [f"{stage}@{t}-{s}-{method}-{seed}" for t in lists["teachers"] for s in lists["students"]
+                        for stage in ("distill", "evaluate")]
+
     first = {seed: next((m for s, m in todo if s == seed), None) for seed in lists["seeds"]}
     for round_ in ([cell for cell in todo if first[cell[0]] == cell[1]], [cell for cell in todo if first[cell[0]] != cell[1]]):
         if not round_:
             continue
+        if workspace:
+            chains = {f"s{seed}-{method}": chain(seed, method) for seed, method in round_}
+            owned = {f"s{seed}-{method}": paths(seed, method) for seed, method in round_}
+            failed = workspace.run(chains, jobs, lambda cell: record.land(cell, Folder(workspace.folder), {"experiment": label}, *owned[cell]))
+            if failed:
+                raise SystemExit(f"error: the cells {', '.join(failed)} of the record {name} failed (above; logs in {workspace.folder}/logs); "
+                                 f"the finished cells are in {out}, and running the command again runs the others")
+            continue
         settle()
         queued = {}
         for seed, method in round_:
-            experiment = f"{prefix}-s{seed}-{method}"
-            queue(experiment, settings | {"grid.seeds": [seed], "grid.methods": [method]})
-            queued[experiment] = (f"s{seed}-{method}", *paths(seed, method))
+            experiment_name = f"{prefix}-s{seed}-{method}"
+            queue(experiment_name, settings | {"grid.seeds": [seed], "grid.methods": [method]})
+            queued[experiment_name] = (f"s{seed}-{method}", *paths(seed, method))
         run_cells(record, jobs, queued, f"the record {name}")
 
     if not record.meta["complete"]:
+        if shutil.which("dvc") is None:
+            log(f"record {name}: every cell is in {out}; this machine has no DVC: make the report and figures where it is "
+                f"(rcekd record --name {name}, which runs nothing else)")
+            return
         reports = out / "artifacts/reports" / dataset
         subprocess.run(["rcekd", "report", "--params", str(out / "params.yaml"), "--metrics", str(out / "artifacts/metrics" / dataset),
                         "--runs", str(out / "artifacts" / dataset), "--table", str(reports / "results.md"),

@@ -33,6 +33,7 @@ import yaml
 
 from rcekd.io import atomic_path
 from stages.common import log
+from stages.direct import device_label
 from stages.run_queue import queue, run_landing, settle
 from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section, with_settings
 
@@ -105,15 +106,6 @@ def direct_command(method: str, teacher: str, student: str, seed: int, dataset: 
     return ["distill", "--method", method, "--student", student, "--seed", str(seed), "--data", data,
             "--cache", f"{teacher_dir}/cache", "--teacher", f"{teacher_dir}/checkpoint.pt",
             "--trajectory", f"{teacher_dir}/trajectory.parquet", *outputs]
-
-
-def device_label(params: dict) -> str:
-    """`direct:` and the device the runs use (params `device`: auto takes CUDA when available)."""
-    import torch
-
-    if params.get("device", "auto") != "cpu" and torch.cuda.is_available():
-        return f"direct:{torch.cuda.get_device_name(0)}"
-    return "direct:cpu"
 
 
 def run_direct(jobs: int, method: str, queued: dict[str, dict], commands: dict[str, list[str]], rows: list[dict],

@@ -27,7 +27,7 @@ def make_repo(repo: Path, overrides: dict[tuple, object], *, users: int = 500) -
     """A committed repository at `repo` running the pipeline on the first `users` users of CiteULike-t,
     with params.yaml's values at each key path of `overrides` replaced."""
     repo.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", "params.yaml"):
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / "rcekd", repo / "rcekd", ignore=shutil.ignore_patterns("__pycache__"))
     raw = repo / "data/raw/citeulike-t"

@@ -88,6 +88,22 @@ def test_a_record_runs_its_cells_on_two_queue_workers_and_lands_each_one(tmp_pat
          "--figures", str(tmp_path / "figures")], repo)
     assert (tmp_path / "again.json").read_text() == report.read_text()
 
+    # The same record without DVC (`--direct`, as on a lent GPU machine, which has none): dvc.yaml's commands
+    # in a scratch workspace give the same teacher and the same metrics, cell by cell, and touch no DVC output.
+    status = run(["dvc", "status"], repo)
+    run(["rcekd", "record", "--name", "two", "--direct", "--jobs", "2", "--out", "results/direct"], repo)
+    direct = repo / "results/direct"
+    landed = json.loads((direct / "record.json").read_text())
+    assert landed["teachers"] == meta["teachers"] and landed["complete"] and landed["upstream"] == "direct:cpu"
+    assert landed["cells"] == {cell: {"experiment": "direct:cpu"} for cell in meta["cells"]}
+    assert not (direct / "locks").exists() and report_seeds(direct) == report_seeds(folder)
+    metrics = sorted(path.relative_to(folder) for path in (folder / "artifacts/metrics").rglob("*.json"))
+    assert metrics == sorted(path.relative_to(direct) for path in (direct / "artifacts/metrics").rglob("*.json")) and len(metrics) == 7
+    for path in metrics:
+        ours, theirs = (json.loads((where / path).read_text()) for where in (direct, folder))
+        assert (ours["test"], ours.get("best_epoch")) == (theirs["test"], theirs.get("best_epoch")), path
+    assert run(["dvc", "status"], repo) == status
+
     # A record cut short (a session ends; its DVC cache is gone with the machine) runs only the cells
     # record.json lacks, and the same teacher gives the same report.
     before = report.read_text()

@@ -41,7 +41,7 @@ def test_a_changed_metric_changes_the_generated_table(tmp_path: Path, monkeypatc
     assert "| rcekd | " in second and "| 0.5000 |" in second and second != first
 
 
-def test_a_sequential_record_is_shown_at_10_beside_table_12(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sequential_record_is_shown_at_10_beside_table_12_with_its_direct_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     histories = [path.relative_to(ROOT) for path in (ROOT / "artifacts/citeulike").rglob("history.csv")]
     for path in ["artifacts/reports/citeulike/results.json", *histories]:
         target = tmp_path / "record" / path
@@ -59,6 +59,11 @@ def test_a_sequential_record_is_shown_at_10_beside_table_12(tmp_path: Path, monk
     assert f"| rcekd | {rcekd['recall@10']['mean']:.4f} | {rcekd['ndcg@10']['mean']:.4f} |" in table
     assert "| 0.0077 / 0.0063 |" in table  # Table 12's CiteULike MF teacher
     assert "@20" not in table.replace("valid NDCG@20", "")
+    assert "--direct" not in table  # a record without record.json, or made on DVC's queue: no device named
+    cells = {"s0-ce": {"experiment": "direct:NVIDIA H200"}, "s0-rcekd": {"experiment": "record-x-s0-rcekd", "commit": "ab"}}
+    (tmp_path / "record/record.json").write_text(json.dumps({"upstream": "direct:NVIDIA H200", "cells": cells}))
+    table = render("<!-- readme: run record -->\n<!-- readme: end -->\n")
+    assert "; 2 of its 3 runs (the teachers, each cell) with `rcekd record --direct` on NVIDIA H200):" in table
 
 
 def test_the_tuning_table_shows_each_search_best_first(tmp_path: Path) -> None:
