@@ -29,11 +29,16 @@ _Loader.add_implicit_resolver(
 )
 
 
+def read_yaml(text: str) -> Any:
+    """YAML text as DVC reads it (YAML 1.2's floats)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_params(path: Path) -> dict:
     if not path.exists():
         raise ParamsError(f"{path}: parameters file not found (run from the project root or pass --params)")
     try:
-        params = yaml.load(path.read_text(), Loader=_Loader)
+        params = read_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(params, dict):

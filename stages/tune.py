@@ -23,6 +23,7 @@ import csv
 import itertools
 import json
 import random
+import re
 import subprocess
 import sys
 import time
@@ -34,8 +35,8 @@ import yaml
 from rcekd.io import atomic_path
 from stages.common import log
 from stages.direct import device_label
-from stages.run_queue import queue, run_landing, settle
-from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section, with_settings
+from stages.run_queue import experiment_revs, queue, run_landing, settle
+from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, read_yaml, section, with_settings
 
 METRIC = "valid_ndcg@20"
 
@@ -94,6 +95,30 @@ def run_recording(jobs: int, method: str, queued: dict[str, dict], rows: list[di
         raise SystemExit(f"error: the experiments of the search of {method} did not all finish (above); "
                          f"`dvc queue status` lists them; the finished ones are in {out}, and a rerun runs the others")
     return rows
+
+
+def adopt(space_name: str, space: dict, chosen: list[dict], rows: list[dict], history: str) -> list[dict]:
+    """Rows for this search's trials that an earlier run queued and that finished after it stopped (a session
+    ended with trials in the queue, and the next session's workers ran them): an experiment named as the
+    search names its trials, for a trial without a row, whose params.yaml holds that trial's values."""
+    done = {trial_key(row, space) for row in rows}
+    found = []
+    for name, rev in sorted(experiment_revs().items()):
+        index = re.fullmatch(rf"tune-{re.escape(space_name)}-\d{{4}}-\d{{6}}-(\d+)", name)
+        if not index or int(index[1]) >= len(chosen) or trial_key(chosen[int(index[1])], space) in done:
+            continue
+        values = chosen[int(index[1])]
+        shown = lambda path: subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True).stdout  # noqa: E731
+        ran = read_yaml(shown("params.yaml")) or {}
+        try:
+            if any(section(ran, key) != value for key, value in values.items()):
+                continue
+        except ParamsError:
+            continue
+        best, epoch, epochs = best_of(list(csv.DictReader(shown(history).splitlines())))
+        found.append({"trial": name, **values, METRIC: best, "best_epoch": epoch, "epochs": epochs, "experiment": rev[:10]})
+        done.add(trial_key(values, space))
+    return found
 
 
 def direct_command(method: str, teacher: str, student: str, seed: int, dataset: str, run: Path) -> list[str]:
@@ -178,6 +203,11 @@ def main(
     chosen = trials(space, budget, seed)
     out = out or Path(f"artifacts/tuning/{dataset}/{teacher}_to_{student}/{space_name}.csv")
     rows = [row for row in read_rows(out) if trial_key(row, space) in {trial_key(values, space) for values in chosen}]
+    adopted = [] if direct else adopt(space_name, space, chosen, rows, f"artifacts/{dataset}/{run_dir}/history.csv")
+    if adopted:
+        rows += adopted
+        write_rows(out, rows)
+        log(f"tune {method}: {', '.join(row['trial'] for row in adopted)} (queued by an earlier run, finished since) into {out}")
     done = {trial_key(row, space) for row in rows}
     todo = [values for values in chosen if trial_key(values, space) not in done]
     log(f"tune {method}: {len(chosen)} trials of {len(list(itertools.product(*space.values())))} ({target}, validation only)"

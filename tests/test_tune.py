@@ -46,12 +46,19 @@ def test_tune_runs_validation_only_trials_and_ranks_them(tmp_path: Path) -> None
         assert float(row["valid_ndcg@20"]) == best and int(row["epochs"]) == 2
         params = json.loads(run(["dvc", "exp", "show", "--json"], repo))
         assert row["experiment"] in json.dumps(params)
-    # A rerun skips what the CSV holds: an interrupted search (here: one trial's row lost) runs only the rest.
+    # A rerun skips what the CSV holds. A trial whose experiment finished after its search stopped (a session
+    # ended with it in the queue; the next one's workers ran it) is taken from its experiment, not run again.
     again = run(["rcekd", "tune", "--method", "rcekd", "--jobs", "2"], repo)
     assert "2 already in" in again and "queued" not in again, again
     out = repo / "artifacts/tuning/citeulike/mf_to_mf/rcekd.csv"
-    kept = out.read_text().splitlines()[:2]
-    out.write_text("\n".join(kept) + "\n")
+    whole = out.read_text()
+    out.write_text("\n".join(whole.splitlines()[:2]) + "\n")
+    adopted = run(["rcekd", "tune", "--method", "rcekd", "--jobs", "2"], repo)
+    assert "(queued by an earlier run, finished since)" in adopted and "queued experiments" not in adopted, adopted
+    assert out.read_text() == whole
+    # An interrupted search whose trial left nothing (here: its row and experiment lost) runs only that one.
+    out.write_text("\n".join(whole.splitlines()[:2]) + "\n")
+    run(["dvc", "exp", "remove", rows[1]["trial"]], repo)
     resumed = run(["rcekd", "tune", "--method", "rcekd", "--jobs", "2"], repo)
     assert "1 already in" in resumed and "run-queue: 1 queued" in resumed, resumed
     rows_after = list(csv.DictReader(out.read_text().splitlines()))
