@@ -84,8 +84,7 @@ def run_recording(jobs: int, method: str, queued: dict[str, dict], rows: list[di
 
     def land(name: str, rev: str) -> None:
         nonlocal left
-        shown = subprocess.run(["git", "show", f"{rev}:{history}"], capture_output=True, text=True, check=True).stdout
-        best, epoch, epochs = best_of(list(csv.DictReader(shown.splitlines())))
+        best, epoch, epochs = best_of(list(csv.DictReader(shown(rev, history).splitlines())))
         rows.append({"trial": name, **queued[name], METRIC: best, "best_epoch": epoch, "epochs": epochs, "experiment": rev[:10]})
         write_rows(out, rows)
         left -= 1
@@ -95,6 +94,11 @@ def run_recording(jobs: int, method: str, queued: dict[str, dict], rows: list[di
         raise SystemExit(f"error: the experiments of the search of {method} did not all finish (above); "
                          f"`dvc queue status` lists them; the finished ones are in {out}, and a rerun runs the others")
     return rows
+
+
+def shown(rev: str, path: str) -> str:
+    """A file of an experiment's commit."""
+    return subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
 
 
 def adopt(space_name: str, space: dict, chosen: list[dict], rows: list[dict], history: str) -> list[dict]:
@@ -108,14 +112,13 @@ def adopt(space_name: str, space: dict, chosen: list[dict], rows: list[dict], hi
         if not index or int(index[1]) >= len(chosen) or trial_key(chosen[int(index[1])], space) in done:
             continue
         values = chosen[int(index[1])]
-        shown = lambda path: subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True).stdout  # noqa: E731
-        ran = read_yaml(shown("params.yaml")) or {}
+        ran = read_yaml(shown(rev, "params.yaml")) or {}
         try:
             if any(section(ran, key) != value for key, value in values.items()):
                 continue
         except ParamsError:
             continue
-        best, epoch, epochs = best_of(list(csv.DictReader(shown(history).splitlines())))
+        best, epoch, epochs = best_of(list(csv.DictReader(shown(rev, history).splitlines())))
         found.append({"trial": name, **values, METRIC: best, "best_epoch": epoch, "epochs": epochs, "experiment": rev[:10]})
         done.add(trial_key(values, space))
     return found
