@@ -1,0 +1,32 @@
+"""A variant section of `kd` (`method: X`, e.g. an ablation) is read on its own: the distill stage does not
+merge kd.X into it. So every value of kd.X a variant leaves out must be the method's own default, or a
+variant would silently keep old values once kd.X is tuned."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rcekd.kd import METHODS
+
+KD = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["kd"]
+VARIANTS = sorted(name for name, section in KD.items() if section.get("method", name) != name)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_a_variant_leaves_out_only_values_its_method_defaults_to(name: str) -> None:
+    base = KD[name]["method"]
+    defaults = inspect.signature(METHODS[base].__init__).parameters
+    differ = {
+        key: (value, defaults[key].default if key in defaults else "(read by the loop: no default)")
+        for key, value in KD[base].items()
+        if key not in KD[name] and (key not in defaults or defaults[key].default != value)
+    }
+    assert not differ, f"kd.{name} leaves out kd.{base}'s values that are not {base}'s defaults (value, default): {differ}"
+
+
+def test_the_variants_are_found() -> None:
+    assert {"rcekd_wo_sep", "hetcomp_no_stay", "mkd_wo_sld"} <= set(VARIANTS)
