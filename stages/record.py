@@ -117,6 +117,7 @@ class Record:
     def __init__(self, folder: Path, name: str, settings: dict, params: dict):
         self.folder = folder
         self.path = folder / "record.json"
+        self.total: int | None = None  # the cells this run makes (start)
         self.meta = read_json(self.path) if self.path.exists() else {}
         if self.meta and self.meta.get("set") != settings:
             raise ParamsError(f"{self.path}: a record of other settings ({self.meta.get('set')}); records.{name}.set is now "
@@ -141,7 +142,19 @@ class Record:
         self.meta["cells"][cell] = entry
         self.save()
         log(f"record {self.meta['name']}: cell {cell} in ({files} files from {entry['experiment']}); "
-            f"{len(self.meta['cells'])} cells in {self.folder}")
+            f"{len(self.meta['cells'])}{self.progress()} cells in {self.folder}")
+
+    def start(self, total: int) -> None:
+        """This run makes the record's `total` cells, some of them already in: the pace of `progress` starts now."""
+        self.total, self.at_start, self.started = total, len(self.meta["cells"]), time.monotonic()
+
+    def progress(self) -> str:
+        """' of N' and, once this run has landed a cell, the time left at its pace so far."""
+        if self.total is None:
+            return ""
+        done, landed = len(self.meta["cells"]), len(self.meta["cells"]) - self.at_start
+        left = (time.monotonic() - self.started) / landed * (self.total - done) if landed > 0 else None
+        return f" of {self.total}" + (f" (about {left / 3600:.1f} h left at this run's pace)" if left is not None else "")
 
     def copy(self, fs: Source, cell: str, *, keep: tuple[str, ...] = (), overwrite: tuple[str, ...] = ()) -> int:
         """Copy a run's dvc.lock, when it has one (to locks/<cell>.lock; the teachers' only the first time), and
@@ -236,6 +249,7 @@ def main(
     prefix = f"record-{name}-{stamp}"
     cells = [(seed, method) for seed in lists["seeds"] for method in lists["methods"]]
     todo = [cell for cell in cells if f"s{cell[0]}-{cell[1]}" not in record.meta["cells"]]
+    record.start(len(cells))
     log(f"record {name}: {len(cells)} cells ({len(lists['seeds'])} seeds x {len(lists['methods'])} methods), "
         f"{len(cells) - len(todo)} already in {out}; {jobs} {'direct runs' if direct else 'workers'} ({settings})")
 
