@@ -44,7 +44,7 @@ from rcekd.io import atomic_path, read_json, write_json
 from stages.common import log
 from stages.direct import Workspace, device_label
 from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section, with_settings
-from stages.run_queue import experiment_revs, queue, run_all, run_landing, settle
+from stages.run_queue import drop_unfinished, experiment_revs, queue, run_all, run_landing, settle
 
 KEPT = (".csv", ".json", ".md")  # the record's files: metrics, histories, timings, diagnostics
 SKIPPED = ("cache", "reports")  # left out: the teacher's score cache; a cell's own one-cell report
@@ -263,6 +263,7 @@ def main(
             fs: Source = Folder(workspace.folder)
         else:
             settle()
+            drop_unfinished(rf"record-{re.escape(name)}-\d{{4}}-\d{{6}}-")  # an earlier run's, left by its end
             label = f"{prefix}-upstream"
             queue(label, settings, "cache_teacher", "evaluate_teacher")
             run_all(1, f"the record {name} (its teachers)")

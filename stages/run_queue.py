@@ -22,15 +22,42 @@ import typer
 from stages.common import log
 
 
-def queue_states() -> Counter:
-    """How many queued tasks are in each state (Queued, Running, Success, Failed), from `dvc queue status`,
-    and how many workers are alive (`workers`: active plus idle)."""
+STATES = ("Queued", "Running", "Success", "Failed")
+
+
+def queue_status() -> tuple[list[tuple[str, str]], int]:
+    """(name, state) of every task of `dvc queue status`, and how many workers are alive (active plus idle)."""
     lines = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True, check=True).stdout.splitlines()
-    states = ("Queued", "Running", "Success", "Failed")
-    counts = Counter(line.split()[-1] for line in lines if line.split() and line.split()[-1] in states)
+    tasks = [(line.split()[1], line.split()[-1]) for line in lines if len(line.split()) > 2 and line.split()[-1] in STATES]
     workers = re.search(r"Worker status: (\d+) active, (\d+) idle", "\n".join(lines))
-    counts["workers"] = int(workers[1]) + int(workers[2]) if workers else 0
+    return tasks, int(workers[1]) + int(workers[2]) if workers else 0
+
+
+def queue_states() -> Counter:
+    """How many queued tasks are in each state (Queued, Running, Success, Failed), and how many workers
+    are alive (`workers`)."""
+    tasks, workers = queue_status()
+    counts = Counter(state for _, state in tasks)
+    counts["workers"] = workers
     return counts
+
+
+def drop_unfinished(pattern: str) -> list[str]:
+    """Remove the tasks whose name starts with the regular expression `pattern` that an earlier run left
+    Queued, or Running with no worker alive (a session or a run that ended), so that a run again does not
+    run them beside its own (call after `settle`; nothing is touched while a worker lives). What had
+    finished is kept: in the experiments and the run cache."""
+    tasks, workers = queue_status()
+    if workers:
+        return []
+    running = [name for name, state in tasks if re.match(pattern, name) and state == "Running"]
+    if running:
+        subprocess.run(["dvc", "queue", "kill", "--force", *running], capture_output=True, text=True)
+    dropped = [name for name, state in tasks if re.match(pattern, name) and state in ("Queued", "Running")]
+    if dropped:
+        subprocess.run(["dvc", "queue", "remove", *dropped], capture_output=True, text=True)
+        log(f"run-queue: {len(dropped)} unfinished tasks of an earlier run removed ({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}) from the queue")
+    return dropped
 
 
 def settle(timeout: float = 300.0) -> None:

@@ -35,7 +35,7 @@ import yaml
 from rcekd.io import atomic_path
 from stages.common import log
 from stages.direct import device_label
-from stages.run_queue import experiment_revs, queue, run_landing, settle
+from stages.run_queue import drop_unfinished, experiment_revs, queue, run_landing, settle
 from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, read_yaml, section, with_settings
 
 METRIC = "valid_ndcg@20"
@@ -235,6 +235,7 @@ def main(
         grid = {"grid.teachers": [teacher], "grid.students": [student], "grid.seeds": [seed]}
         grid |= {} if method == "student" else {"grid.methods": [method]}
         settle()
+        drop_unfinished(rf"tune-{re.escape(space_name)}-\d{{4}}-\d{{6}}-")  # an earlier run's, left by its end
         for values in todo:
             names.append(f"tune-{space_name}-{stamp}-{chosen.index(values)}")
             queue(names[-1], grid | values, target)

@@ -1,0 +1,50 @@
+"""A record or a search run again after its session ended removes what its earlier run left in DVC's queue
+(tasks Queued, or Running with no worker), and only those: `dvc queue status` and the commands faked."""
+
+from __future__ import annotations
+
+import subprocess
+
+from stages import run_queue
+
+STATUS = """Task     Name                                      Created       Status
+d23a5b4  record-citeulike_mf-1205-003258-s0-cd     12:33 AM      Running
+5c9e89d  record-citeulike_mf-1205-003258-s1-cd     12:33 AM      Queued
+5615ecb  record-citeulike_mf-1205-003258-s2-cd     12:33 AM      Success
+2221e0a  record-citeulike_mf_ablations-1205-013000-s0-rcekd  01:30 AM  Queued
+c09274d  tune-sld-1204-205240-2                    Dec 04, 2026  Queued
+
+Worker status: {workers} active, 0 idle
+"""
+
+
+def fake_dvc(monkeypatch, workers: int) -> list[list[str]]:
+    calls = []
+
+    def run(args, **kwargs):
+        calls.append(list(args))
+        out = STATUS.format(workers=workers) if args[:3] == ["dvc", "queue", "status"] else ""
+        return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(run_queue.subprocess, "run", run)
+    return calls
+
+
+def test_an_earlier_runs_unfinished_tasks_are_removed(monkeypatch) -> None:
+    calls = fake_dvc(monkeypatch, workers=0)
+    dropped = run_queue.drop_unfinished(r"record-citeulike_mf-\d{4}-\d{6}-")
+    assert dropped == ["record-citeulike_mf-1205-003258-s0-cd", "record-citeulike_mf-1205-003258-s1-cd"]
+    assert ["dvc", "queue", "kill", "--force", "record-citeulike_mf-1205-003258-s0-cd"] in calls
+    assert ["dvc", "queue", "remove", *dropped] in calls
+
+
+def test_nothing_is_touched_while_a_worker_lives(monkeypatch) -> None:
+    calls = fake_dvc(monkeypatch, workers=1)
+    assert run_queue.drop_unfinished(r"record-citeulike_mf-\d{4}-\d{6}-") == []
+    assert all(call[:3] == ["dvc", "queue", "status"] for call in calls)
+
+
+def test_the_states_are_counted_from_the_same_status(monkeypatch) -> None:
+    fake_dvc(monkeypatch, workers=2)
+    states = run_queue.queue_states()
+    assert (states["Queued"], states["Running"], states["Success"], states["workers"]) == (3, 1, 1, 2)
