@@ -25,9 +25,17 @@ from stages.common import log
 STATES = ("Queued", "Running", "Success", "Failed")
 
 
-def queue_status() -> tuple[list[tuple[str, str]], int]:
-    """(name, state) of every task of `dvc queue status`, and how many workers are alive (active plus idle)."""
-    lines = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True, check=True).stdout.splitlines()
+def queue_status(tries: int = 10) -> tuple[list[tuple[str, str]], int]:
+    """(name, state) of every task of `dvc queue status`, and how many workers are alive (active plus idle).
+    It can fail for a moment while another DVC process ends (seen once in CI, under load): it is asked again."""
+    for _ in range(tries):
+        done = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True)
+        if done.returncode == 0:
+            break
+        time.sleep(3)
+    else:
+        raise SystemExit(f"error: `dvc queue status` failed {tries} times (exit {done.returncode}):\n{done.stderr.strip()}")
+    lines = done.stdout.splitlines()
     tasks = [(line.split()[1], line.split()[-1]) for line in lines if len(line.split()) > 2 and line.split()[-1] in STATES]
     workers = re.search(r"Worker status: (\d+) active, (\d+) idle", "\n".join(lines))
     return tasks, int(workers[1]) + int(workers[2]) if workers else 0

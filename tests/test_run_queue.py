@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from stages import run_queue
 
 STATUS = """Task     Name                                      Created       Status
@@ -18,15 +20,20 @@ Worker status: {workers} active, 0 idle
 """
 
 
-def fake_dvc(monkeypatch, workers: int) -> list[list[str]]:
+def fake_dvc(monkeypatch, workers: int, failures: int = 0) -> list[list[str]]:
+    """`subprocess.run` answering `dvc queue status` with STATUS (after `failures` failed calls); records every call."""
     calls = []
 
     def run(args, **kwargs):
         calls.append(list(args))
-        out = STATUS.format(workers=workers) if args[:3] == ["dvc", "queue", "status"] else ""
-        return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
+        if args[:3] != ["dvc", "queue", "status"]:
+            return subprocess.CompletedProcess(args, 0, stdout="", stderr="")
+        if len(calls) <= failures:
+            return subprocess.CompletedProcess(args, 255, stdout="", stderr="ERROR: unexpected error")
+        return subprocess.CompletedProcess(args, 0, stdout=STATUS.format(workers=workers), stderr="")
 
     monkeypatch.setattr(run_queue.subprocess, "run", run)
+    monkeypatch.setattr(run_queue.time, "sleep", lambda seconds: None)
     return calls
 
 
@@ -48,3 +55,11 @@ def test_the_states_are_counted_from_the_same_status(monkeypatch) -> None:
     fake_dvc(monkeypatch, workers=2)
     states = run_queue.queue_states()
     assert (states["Queued"], states["Running"], states["Success"], states["workers"]) == (3, 1, 1, 2)
+
+
+def test_a_failing_status_is_asked_again_then_reported(monkeypatch) -> None:
+    calls = fake_dvc(monkeypatch, workers=0, failures=2)
+    assert run_queue.queue_states()["Queued"] == 3 and len(calls) == 3
+    fake_dvc(monkeypatch, workers=0, failures=10)
+    with pytest.raises(SystemExit, match=r"dvc queue status` failed 10 times \(exit 255\):\nERROR: unexpected error"):
+        run_queue.queue_states()
