@@ -44,7 +44,7 @@ from rcekd.io import atomic_path, read_json, write_json
 from stages.common import log
 from stages.direct import Workspace, device_label
 from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, section, with_settings
-from stages.run_queue import drop_unfinished, experiment_revs, queue, run_all, run_landing, settle
+from stages.run_queue import drop_unfinished, experiment_revs, queue, run_all, run_landing, settle, stamp
 
 KEPT = (".csv", ".json", ".md")  # the record's files: metrics, histories, timings, diagnostics
 SKIPPED = ("cache", "reports")  # left out: the teacher's score cache; a cell's own one-cell report
@@ -245,8 +245,7 @@ def main(
         workspace = Workspace(scratch / name, with_settings(all_params, settings)) if direct else None
     except (ParamsError, ValueError, KeyError) as err:
         fail(err)
-    stamp = time.strftime("%m%d-%H%M%S")
-    prefix = f"record-{name}-{stamp}"
+    prefix = f"record-{name}-{stamp()}"
     cells = [(seed, method) for seed in lists["seeds"] for method in lists["methods"]]
     todo = [cell for cell in cells if f"s{cell[0]}-{cell[1]}" not in record.meta["cells"]]
     record.start(len(cells))
@@ -263,7 +262,7 @@ def main(
             fs: Source = Folder(workspace.folder)
         else:
             settle()
-            drop_unfinished(rf"record-{re.escape(name)}-\d{{4}}-\d{{6}}-")  # an earlier run's, left by its end
+            drop_unfinished(f"record-{name}")  # an earlier run's, left by its end
             label = f"{prefix}-upstream"
             queue(label, settings, "cache_teacher", "evaluate_teacher")
             run_all(1, f"the record {name} (its teachers)")

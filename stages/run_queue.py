@@ -50,22 +50,28 @@ def queue_states() -> Counter:
     return counts
 
 
-def drop_unfinished(pattern: str) -> list[str]:
-    """Remove the tasks whose name starts with the regular expression `pattern` that an earlier run left
-    Queued, or Running with no worker alive (a session or a run that ended), so that a run again does not
-    run them beside its own (call after `settle`; nothing is touched while a worker lives). What had
-    finished is kept: in the experiments and the run cache."""
+def drop_unfinished(prefix: str) -> list[str]:
+    """Remove the tasks named `<prefix>-<stamp>-...` (`stamp`) that an earlier run left Queued, or Running
+    with no worker alive (a session or a run that ended), so that a run again does not run them beside its
+    own (call after `settle`; nothing is touched while a worker lives). What had finished is kept: in the
+    experiments and the run cache."""
     tasks, workers = queue_status()
     if workers:
         return []
-    running = [name for name, state in tasks if re.match(pattern, name) and state == "Running"]
+    earlier = re.compile(re.escape(prefix) + r"-\d{4}-\d{6}-")
+    dropped = {name: state for name, state in tasks if earlier.match(name) and state in ("Queued", "Running")}
+    running = [name for name, state in dropped.items() if state == "Running"]
     if running:
         subprocess.run(["dvc", "queue", "kill", "--force", *running], capture_output=True, text=True)
-    dropped = [name for name, state in tasks if re.match(pattern, name) and state in ("Queued", "Running")]
     if dropped:
         subprocess.run(["dvc", "queue", "remove", *dropped], capture_output=True, text=True)
-        log(f"run-queue: {len(dropped)} unfinished tasks of an earlier run removed ({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}) from the queue")
-    return dropped
+        log(f"run-queue: {len(dropped)} unfinished tasks of an earlier run removed from the queue ({prefix}-...)")
+    return list(dropped)
+
+
+def stamp() -> str:
+    """The time part of a run's task names (`<prefix>-<stamp>-<task>`), unique per run."""
+    return time.strftime("%m%d-%H%M%S")
 
 
 def settle(timeout: float = 300.0) -> None:

@@ -35,7 +35,7 @@ import yaml
 from rcekd.io import atomic_path
 from stages.common import log
 from stages.direct import device_label
-from stages.run_queue import drop_unfinished, experiment_revs, queue, run_landing, settle
+from stages.run_queue import drop_unfinished, experiment_revs, queue, run_landing, settle, stamp
 from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, read_yaml, section, with_settings
 
 METRIC = "valid_ndcg@20"
@@ -231,13 +231,13 @@ def main(
             commands[name] = direct_command(method, teacher, student, seed, dataset, run)
         rows = run_direct(jobs, method, dict(zip(names, todo)), commands, rows, out, scratch / space_name, device_label(all_params))
     elif todo:
-        names, stamp = [], time.strftime("%m%d-%H%M%S")  # experiment names are unique per search
+        names, when = [], stamp()  # experiment names are unique per search
         grid = {"grid.teachers": [teacher], "grid.students": [student], "grid.seeds": [seed]}
         grid |= {} if method == "student" else {"grid.methods": [method]}
         settle()
-        drop_unfinished(rf"tune-{re.escape(space_name)}-\d{{4}}-\d{{6}}-")  # an earlier run's, left by its end
+        drop_unfinished(f"tune-{space_name}")  # an earlier run's, left by its end
         for values in todo:
-            names.append(f"tune-{space_name}-{stamp}-{chosen.index(values)}")
+            names.append(f"tune-{space_name}-{when}-{chosen.index(values)}")
             queue(names[-1], grid | values, target)
         rows = run_recording(jobs, method, dict(zip(names, todo)), rows, f"artifacts/{dataset}/{run_dir}/history.csv", out)
     rows.sort(key=lambda row: -float(row[METRIC]))

@@ -39,7 +39,7 @@ def fake_dvc(monkeypatch, workers: int, failures: int = 0) -> list[list[str]]:
 
 def test_an_earlier_runs_unfinished_tasks_are_removed(monkeypatch) -> None:
     calls = fake_dvc(monkeypatch, workers=0)
-    dropped = run_queue.drop_unfinished(r"record-citeulike_mf-\d{4}-\d{6}-")
+    dropped = run_queue.drop_unfinished("record-citeulike_mf")
     assert dropped == ["record-citeulike_mf-1205-003258-s0-cd", "record-citeulike_mf-1205-003258-s1-cd"]
     assert ["dvc", "queue", "kill", "--force", "record-citeulike_mf-1205-003258-s0-cd"] in calls
     assert ["dvc", "queue", "remove", *dropped] in calls
@@ -47,7 +47,7 @@ def test_an_earlier_runs_unfinished_tasks_are_removed(monkeypatch) -> None:
 
 def test_nothing_is_touched_while_a_worker_lives(monkeypatch) -> None:
     calls = fake_dvc(monkeypatch, workers=1)
-    assert run_queue.drop_unfinished(r"record-citeulike_mf-\d{4}-\d{6}-") == []
+    assert run_queue.drop_unfinished("record-citeulike_mf") == []
     assert all(call[:3] == ["dvc", "queue", "status"] for call in calls)
 
 
