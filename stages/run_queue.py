@@ -150,7 +150,7 @@ def main(
     if gpus:
         env["RCEKD_GPUS"] = gpus
     states = queue_states()
-    failed_before = states["Failed"]
+    failed_before, succeeded_before = states["Failed"], states["Success"]
     log(f"run-queue: {states['Queued']} queued experiments, {jobs} workers x {threads} threads" + (f", GPUs {gpus}" if gpus else ""))
     while states["Queued"]:
         queued = states["Queued"]
@@ -171,6 +171,6 @@ def main(
         time.sleep(5)
         states = queue_states()
     failed = states["Failed"] - failed_before
-    log(f"run-queue: done; {states['Success']} succeeded, {failed} failed in this run (`dvc exp show` lists the results)")
+    log(f"run-queue: done; {states['Success'] - succeeded_before} succeeded, {failed} failed in this run (`dvc exp show` lists the results)")
     if failed:
         raise SystemExit(f"error: {failed} experiments failed; `dvc queue status`, then `dvc queue logs <name>`")
