@@ -1,6 +1,11 @@
-"""A variant section of `kd` (`method: X`, e.g. an ablation) is read on its own: the distill stage does not
+"""Values params.yaml tunes in one place and that other sections must not silently inherit.
+
+A variant section of `kd` (`method: X`, e.g. an ablation) is read on its own: the distill stage does not
 merge kd.X into it. So every value of kd.X a variant leaves out must be the method's own default, or a
-variant would silently keep old values once kd.X is tuned."""
+variant would silently keep old values once kd.X is tuned.
+
+kd.<m>.student_weight_decay was tuned for the MF student, and the distill stage applies it to whatever
+student it trains. So a record whose students are another backbone must set it for each of its methods."""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import yaml
 
 from rcekd.kd import METHODS
 
-KD = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["kd"]
+PARAMS = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+KD = PARAMS["kd"]
 VARIANTS = sorted(name for name, section in KD.items() if section.get("method", name) != name)
 
 
@@ -30,3 +36,15 @@ def test_a_variant_leaves_out_only_values_its_method_defaults_to(name: str) -> N
 
 def test_the_variants_are_found() -> None:
     assert {"rcekd_wo_sep", "hetcomp_no_stay", "mkd_wo_sld"} <= set(VARIANTS)
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS["records"]))
+def test_a_record_of_other_students_sets_each_methods_student_weight_decay(name: str) -> None:
+    settings = PARAMS["records"][name]["set"]
+    students = settings.get("grid.students", PARAMS["grid"]["students"])
+    if students == ["mf"]:
+        return
+    methods = settings.get("grid.methods", PARAMS["grid"]["methods"])
+    missing = [m for m in methods if "student_weight_decay" in KD[m] and f"kd.{m}.student_weight_decay" not in settings]
+    assert not missing, (f"records.{name} trains {students} students but keeps the MF-tuned student_weight_decay of "
+                         f"kd.{', kd.'.join(missing)}: set each to the student backbone's own")
