@@ -295,7 +295,12 @@ def main(
         return alone + [f"{stage}@{t}-{s}-{method}-{seed}" for t in lists["teachers"] for s in lists["students"]
                         for stage in ("distill", "evaluate")]
 
-    first = {seed: next((m for s, m in todo if s == seed), None) for seed in lists["seeds"]}
+    # a seed's first cell trains its student alone, which its other cells then restore from the run cache: that
+    # cell runs in a first round, unless the record already holds the student alone of that seed (then at worst,
+    # in a clone without the run cache, the cells of a seed each train that short run again, at once)
+    held = lambda prefix: (out / prefix).exists() or (out / f"{prefix}.json").exists()  # noqa: E731 (a run's folder, its metrics)
+    alone_in = {seed: all(held(prefix) for prefix in paths(seed, "")[1]) for seed in lists["seeds"]}
+    first = {seed: None if alone_in[seed] else next((m for s, m in todo if s == seed), None) for seed in lists["seeds"]}
     for round_ in ([cell for cell in todo if first[cell[0]] == cell[1]], [cell for cell in todo if first[cell[0]] != cell[1]]):
         if not round_:
             continue
