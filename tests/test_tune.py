@@ -9,7 +9,10 @@ import json
 import subprocess
 from pathlib import Path
 
-from stages.tune import best_of, trials
+import pytest
+
+from stages.params import ParamsError
+from stages.tune import best_of, selection, trials
 from tests.dvc_repo import make_repo, ran_stages, run
 from tests.test_parallel_dvc import GRID
 
@@ -26,6 +29,17 @@ def test_best_of_takes_the_first_epoch_reaching_the_best() -> None:
     history = [{"epoch": "1", "valid_ndcg@20": "0.1"}, {"epoch": "2", "valid_ndcg@20": "0.3"},
                {"epoch": "3", "valid_ndcg@20": "0.3"}, {"epoch": "4", "valid_ndcg@20": "0.2"}]
     assert best_of(history) == (0.3, 2, 4)
+    history = [{**row, "valid_recall@20": value} for row, value in zip(history, ("0.5", "0.2", "0.6", "0.6"))]
+    assert best_of(history, "valid_recall@20") == (0.6, 3, 4)
+
+
+def test_a_search_ranks_by_its_protocols_selection_metric() -> None:
+    params = {"train": {"select": "ndcg@20"}}
+    assert selection(params, {"kd.ce.weight": [1, 10]}, "here") == "valid_ndcg@20"
+    assert selection(params, {"train.select": ["recall@20"], "split.mode": ["holdout"]}, "here") == "valid_recall@20"  # MKD's
+    assert selection({"train": {"select": "recall@20"}}, {}, "here") == "valid_recall@20"
+    with pytest.raises(ParamsError, match=r"here: a search's train.select must be one value"):
+        selection(params, {"train.select": ["ndcg@20", "recall@20"]}, "here")
 
 
 def test_tune_runs_validation_only_trials_and_ranks_them(tmp_path: Path) -> None:
