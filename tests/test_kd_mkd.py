@@ -110,6 +110,14 @@ def test_pca_neighbours_are_the_nearest_others_in_the_leading_components() -> No
     assert full.tolist() == np.argsort(raw, axis=1, kind="stable")[:, :3].tolist() != got.tolist()
 
 
+def test_the_pca_option_picks_the_pca_neighbours(ctx) -> None:
+    teacher_users, teacher_items = ctx.teacher.factors()
+    mkd = MKD(ctx, parts=["nkd"], top_n=4, neighbour_space="pca", pca_dim=2, neighbours=3)
+    assert torch.equal(mkd.user_neighbours, pca_neighbours(teacher_users, 3, 2))
+    assert torch.equal(mkd.item_neighbours, pca_neighbours(teacher_items, 3, 2))
+    assert not torch.equal(mkd.item_neighbours, cosine_neighbours(teacher_items, 3))
+
+
 def test_the_codes_nkd_is_one_minus_cosine_with_items_at_half_weight(ctx) -> None:
     mkd = MKD(ctx, parts=["nkd"], mix=False, top_n=4, distance="cosine", item_weight=0.5)
     model = student()
@@ -122,7 +130,7 @@ def test_the_codes_nkd_is_one_minus_cosine_with_items_at_half_weight(ctx) -> Non
     torch.testing.assert_close(mkd.loss(users, user_vecs, item_table, **extra)["nkd"], by_hand)
 
 
-def test_the_codes_cpd2_compares_to_cosines_of_the_projected_vectors(ctx) -> None:
+def test_the_codes_cpd_compares_to_cosines_of_the_projected_vectors(ctx) -> None:
     mkd = MKD(ctx, parts=["cpd"], top_n=4, distance="cosine")
     model = student()
     users, user_vecs, item_table, extra = batch(model)
@@ -132,8 +140,12 @@ def test_the_codes_cpd2_compares_to_cosines_of_the_projected_vectors(ctx) -> Non
         f_u, g_i = f_u / f_u.norm(dim=1, keepdim=True), g_i / g_i.norm(dim=1, keepdim=True)
         ce = [reference_ce((user_vecs[b] @ item_table[top[u]].T).numpy(), (f_u[b] @ g_i[top[u]].T).numpy())
               for b, u in enumerate(users.tolist())]
-    got = mkd.loss(users, user_vecs, item_table, **extra)["cpd2"]
-    np.testing.assert_allclose(float(got.detach()), sum(ce) / 4, rtol=1e-5)
+        inverse, pos, neg = extra["pairs"]
+        raw = (user_vecs[inverse] * (item_table[pos] - item_table[neg])).sum(-1)
+        cpd1_by_hand = cpd1(f_u[inverse], g_i[pos], g_i[neg], raw).sum() / 4  # CPD1 on the cosines too
+    got = mkd.loss(users, user_vecs, item_table, **extra)
+    np.testing.assert_allclose(float(got["cpd2"].detach()), sum(ce) / 4, rtol=1e-5)
+    torch.testing.assert_close(got["cpd1"].detach(), cpd1_by_hand)
 
 
 def test_flip_is_the_share_of_rows_whose_order_the_projectors_reverse(ctx) -> None:
@@ -192,9 +204,11 @@ def test_cpd2_is_the_ce_over_the_teachers_top_items(ctx) -> None:
     assert all(i not in TRAIN[u] for u in range(N_USERS) for i in mkd.top[u].tolist())  # non-training items
 
 
-def test_nkd_trains_projectors_and_student_but_cpd_only_the_projectors(ctx) -> None:
+@pytest.mark.parametrize("options", [{}, {"distance": "cosine", "item_weight": 0.5, "neighbour_space": "pca", "pca_dim": 2}],
+                         ids=["paper", "code"])
+def test_nkd_trains_projectors_and_student_but_cpd_only_the_projectors(ctx, options) -> None:
     for parts, student_learns in ((["nkd"], True), (["cpd"], False)):
-        mkd, model = MKD(ctx, parts=parts, top_n=4), student()
+        mkd, model = MKD(ctx, parts=parts, top_n=4, **options), student()
         users, user_vecs, item_table, extra = batch(model)
         loss = mkd.loss(users, user_vecs, item_table, **extra)
         (loss["kd"].mean()).backward()

@@ -21,8 +21,9 @@ distillation, which every "without NKD" variant keeps: CPD alone ties no project
 
 The authors' code where it differs from the paper, as options (paper by default; MKD.md §1, §4):
 `neighbour_space: pca` (A2: Euclidean neighbours after PCA to `pca_dim` components), `distance: cosine`
-(A3: NKD = 1 − cos(f(x), t) and CPD2's S' = normalised f(u) · normalised g(i)), `item_weight: 0.5`
-(A9: the item side of NKD at half weight). The part `flip` (Eq. 25's diagnostic, not a loss) is the
+(A3: NKD = 1 − cos(f(x), t), and CPD's S' scores cosines of f(u) and g(i) in CPD1, flip and CPD2; the
+authors' CPD then uses τ 0.1: `tau`), `item_weight: 0.5` (A9: NKD's item side, unique(i⁺ ∪ i⁻), at half
+weight; the code weighs unique i⁺ and unique i⁻ at 0.5 each, so an item on both sides counts twice there). The part `flip` (Eq. 25's diagnostic, not a loss) is the
 share of the batch's rows whose order the projectors reverse. K-Mix on LightGCN's layer 0 (A8) is not
 offered: the teacher cache holds the final vectors only.
 Per-step randomness (neighbours, masks) comes from torch's global generator, which the loop seeds
@@ -183,23 +184,25 @@ class MKD(nn.Module):
                             + self.item_weight * self.distance(self.g(mixed_item[0]), mixed_item[1]).sum()) / n_rows
         if "cpd" in self.parts:
             # f(u)·g(i) = (aᵤ · hᵢ + cᵤ) / M with hᵢ = g's hidden units, aᵤ = Wᵀ f(u), cᵤ = b · f(u): only g's
-            # first layer runs on the item table (not its d_T-wide output), the same function (tested)
+            # first layer runs on the item table (not its d_T-wide output), the same function (tested); the
+            # cosine option needs each ‖g(i)‖, so there g's output runs on the item table
             frozen_users, frozen_items = user_vecs.detach(), item_table.detach()
             f_users = self.f(frozen_users)  # [B, d_T]
             weight, bias = self.g.output_layer()
-            a, c, m = f_users @ weight, f_users @ bias, len(self.g.experts)  # [B, M·h], [B]
             h = self.g.hidden(frozen_items)  # [I, M·h]
             raw_order = (frozen_users[inverse] * (frozen_items[pos] - frozen_items[neg])).sum(-1)  # [P]
-            projected_order = (a[inverse] * (h[pos] - h[neg])).sum(-1) / m  # order(g(i⁺), g(i⁻) | f(u)), biases cancel
+            top = self.top[users]  # [B, N]
+            if self.normalised:  # the code's: every score after the projectors a cosine (CPD1, flip and CPD2)
+                f_hat, g_hat = F.normalize(f_users, dim=-1), F.normalize((h @ weight.T + bias) / len(self.g.experts), dim=-1)
+                projected_order = (f_hat[inverse] * (g_hat[pos] - g_hat[neg])).sum(-1)
+                projected = pair_scores(f_hat, g_hat, top)
+            else:
+                a, c, m = f_users @ weight, f_users @ bias, len(self.g.experts)  # [B, M·h], [B]
+                projected_order = (a[inverse] * (h[pos] - h[neg])).sum(-1) / m  # order(g(i⁺), g(i⁻) | f(u)), biases cancel
+                projected = (pair_scores(a, h, top) + c[:, None]) / m  # r^{S'} = f(u)·g(i)
             parts["cpd1"] = F.relu(-projected_order * raw_order).sum() / n_rows
             parts["flip"] = (projected_order * raw_order < 0).float().mean().detach()  # Eq. 25's share, reported only
-            top = self.top[users]  # [B, N]
             target = pair_scores(frozen_users, frozen_items, top)  # r^S, the student before the projectors
-            if self.normalised:  # the code's: cosines of the projected vectors (g on the top items only)
-                g_top = self.g(frozen_items[top.reshape(-1)]).view(*top.shape, -1)  # [B, N, d_T]
-                projected = torch.einsum("bd,bnd->bn", F.normalize(f_users, dim=-1), F.normalize(g_top, dim=-1))
-            else:
-                projected = (pair_scores(a, h, top) + c[:, None]) / m  # r^{S'} = f(u)·g(i)
             parts["cpd2"] = soft_ce(target, projected, tau=self.tau).sum() / n_rows
         if self.sld is not None:
             parts["sld"] = self.sld.loss(users, user_vecs, item_table)["kd"]  # [B]
