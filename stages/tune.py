@@ -36,7 +36,7 @@ import yaml
 from rcekd.io import atomic_path
 from stages.common import log
 from stages.direct import device_label
-from stages.run_queue import drop_unfinished, experiment_revs, queue, run_landing, settle, stamp
+from stages.run_queue import drop_unfinished, experiment_revs, queue, run_all, run_landing, settle, stamp
 from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, read_yaml, section, with_settings
 
 METRIC = "valid_ndcg@20"  # the default selection; a search's CSV names its own column, valid_<train.select>
@@ -253,6 +253,10 @@ def main(
         grid |= {} if method == "student" else {"grid.methods": [method]}
         settle()
         drop_unfinished(f"tune-{space_name}")  # an earlier run's, left by its end
+        if method != "student":  # the teacher and its cache once (another protocol's teacher: trained here), so
+            # that the trials, run at once, each restore them from the run cache instead of each training them
+            queue(f"tune-{space_name}-{when}-upstream", grid | todo[0], f"cache_teacher@{teacher}")
+            run_all(1, f"the search of {method} (its teacher)")
         for values in todo:
             names.append(f"tune-{space_name}-{when}-{chosen.index(values)}")
             queue(names[-1], grid | values, target)

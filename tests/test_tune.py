@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def test_tune_runs_validation_only_trials_and_ranks_them(tmp_path: Path) -> None
     run(["dvc", "repro", "cache_teacher"], repo)
     output = run(["rcekd", "tune", "--method", "rcekd", "--jobs", "2"], repo)
     assert "2 trials of 2" in output and "-S '++kd.rcekd.student_weight_decay=" in output, output
+    upstream = re.search(r"^\S+\s+(tune-rcekd-\S+-upstream)\s+.*Success$", run(["dvc", "queue", "status"], repo), re.M)
+    assert upstream and not ran_stages(run(["dvc", "queue", "logs", upstream[1]], repo)), output  # the teacher: the workspace's
     rows = list(csv.DictReader((repo / "artifacts/tuning/citeulike/mf_to_mf/rcekd.csv").read_text().splitlines()))
     assert sorted(float(row["kd.rcekd.student_weight_decay"]) for row in rows) == [0.00001, 0.001]  # a key params.yaml lacks
     assert float(rows[0]["valid_ndcg@20"]) >= float(rows[1]["valid_ndcg@20"])  # best first
