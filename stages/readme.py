@@ -66,7 +66,7 @@ def run_block(folder: Path) -> str:
     dataset, seeds = params["dataset"], params["grid"]["seeds"]
     k, paper_file = PAPERS[params.get("split", {}).get("mode", "chronological") == "leave_one_out"]
     recall, ndcg = f"recall@{k}", f"ndcg@{k}"
-    selected = f"valid_{params['train'].get('select', 'ndcg@20')}"  # the runs' selection metric
+    selected = f"valid_{params.get('train', {}).get('select', 'ndcg@20')}"  # the runs' selection metric
     report = read_json(folder / "artifacts/reports" / dataset / "results.json")
     paper = {(row["setting"], row["run"]): row for row in csv.DictReader(paper_file.open())} if paper_file.exists() else {}
     lines = [f"From `{folder / 'artifacts/reports' / dataset / 'results.json'}` ({len(seeds)} seed(s) {seeds}; test split, full ranking"

@@ -53,7 +53,10 @@ def selection(params: dict, space: dict, where: str) -> str:
 
 def metric_of(row: dict) -> str:
     """The selection column of a trials CSV's row (valid_ndcg@20 or valid_recall@20)."""
-    return next(key for key in row if key.startswith("valid_"))
+    column = next((key for key in row if key.startswith("valid_")), None)
+    if column is None:
+        raise ParamsError(f"a trials CSV row has no valid_<metric> column (its columns: {', '.join(row)})")
+    return column
 
 
 def trials(space: dict[str, list], budget: int, seed: int) -> list[dict]:
@@ -223,6 +226,10 @@ def main(
     chosen = trials(space, budget, seed)
     out = out or Path(f"artifacts/tuning/{dataset}/{teacher}_to_{student}/{space_name}.csv")
     rows = [row for row in read_rows(out) if trial_key(row, space) in {trial_key(values, space) for values in chosen}]
+    other = [row["trial"] for row in rows if metric not in row]
+    if other:  # trials ranked on another metric would not compare with these
+        fail(ParamsError(f"{out}: trials {', '.join(other)} were selected on {metric_of(rows[0])}, this search on {metric}; "
+                         f"move the file away or pass another --out"))
     adopted = [] if direct else adopt(space_name, space, chosen, rows, f"artifacts/{dataset}/{run_dir}/history.csv", metric)
     if adopted:
         rows += adopted
@@ -232,6 +239,13 @@ def main(
     todo = [values for values in chosen if trial_key(values, space) not in done]
     log(f"tune {method}: {len(chosen)} trials of {len(list(itertools.product(*space.values())))} ({target}, validation only)"
         + (f"; {len(chosen) - len(todo)} already in {out}" if done else ""))
+    # keys the processed data (preprocess's params) or, for a distillation, the teacher and its cache read
+    upstream = [key for key in space if key.split(".")[0] in {"dataset", "datasets", "split"}
+                or method != "student" and (key.split(".")[0] in {"seed", "device", "train", "trajectory", "cache"}
+                                            or key.startswith(f"backbones.{teacher}.teacher."))]
+    if todo and direct and upstream:  # --direct reuses the workspace's processed data and teacher as they are
+        fail(ParamsError(f"tuning.spaces.{space_name} sets {', '.join(upstream)}, which the processed data or the teacher "
+                         f"depend on; --direct reuses the workspace's, so run this search without --direct"))
     if todo and direct:
         names = [f"direct-{space_name}-{chosen.index(values)}" for values in todo]
         needed = [Path(f"data/processed/{dataset}")]
@@ -257,6 +271,7 @@ def main(
             # that the trials, run at once, each restore them from the run cache instead of each training them
             queue(f"tune-{space_name}-{when}-upstream", grid | todo[0], f"cache_teacher@{teacher}")
             run_all(1, f"the search of {method} (its teacher)")
+            settle()  # its worker lingers and could take a trial queued now, and lose it
         for values in todo:
             names.append(f"tune-{space_name}-{when}-{chosen.index(values)}")
             queue(names[-1], grid | values, target)

@@ -143,9 +143,11 @@ def test_the_codes_cpd_compares_to_cosines_of_the_projected_vectors(ctx) -> None
         inverse, pos, neg = extra["pairs"]
         raw = (user_vecs[inverse] * (item_table[pos] - item_table[neg])).sum(-1)
         cpd1_by_hand = cpd1(f_u[inverse], g_i[pos], g_i[neg], raw).sum() / 4  # CPD1 on the cosines too
+        flip = float((torch.sign(raw) != torch.sign((f_u[inverse] * (g_i[pos] - g_i[neg])).sum(-1))).float().mean())
     got = mkd.loss(users, user_vecs, item_table, **extra)
     np.testing.assert_allclose(float(got["cpd2"].detach()), sum(ce) / 4, rtol=1e-5)
     torch.testing.assert_close(got["cpd1"].detach(), cpd1_by_hand)
+    assert float(got["flip"]) == flip  # and the flip share, on the cosines
 
 
 def test_flip_is_the_share_of_rows_whose_order_the_projectors_reverse(ctx) -> None:

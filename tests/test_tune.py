@@ -11,7 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
+from typer.testing import CliRunner
 
+from stages.cli import app
 from stages.params import ParamsError
 from stages.tune import best_of, selection, trials
 from tests.dvc_repo import make_repo, ran_stages, run
@@ -41,6 +44,22 @@ def test_a_search_ranks_by_its_protocols_selection_metric() -> None:
     assert selection({"train": {"select": "recall@20"}}, {}, "here") == "valid_recall@20"
     with pytest.raises(ParamsError, match=r"here: a search's train.select must be one value"):
         selection(params, {"train.select": ["ndcg@20", "recall@20"]}, "here")
+
+
+def test_tune_refuses_a_csv_of_another_metric_and_direct_trials_of_another_protocol(tmp_path: Path, monkeypatch) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["tuning"]["spaces"] = {"ce": {"kd.ce.weight": [1]}, "holdout": {"split.mode": ["holdout"], "kd.ce.weight": [1]}}
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    out = Path("ce.csv")  # a trial of the same values, selected on validation NDCG@20 ...
+    out.write_text("trial,kd.ce.weight,valid_ndcg@20,best_epoch,epochs,experiment\nt0,1,0.05,3,5,e\n")
+    params["train"]["select"] = "recall@20"  # ... and a search that selects on Recall@20
+    Path("recall.yaml").write_text(yaml.safe_dump(params))
+    done = CliRunner().invoke(app, ["tune", "--method", "ce", "--out", str(out), "--params", "recall.yaml"])
+    assert done.exit_code == 2 and "ce.csv: trials t0 were selected on valid_ndcg@20, this search on valid_recall@20" in done.output
+    done = CliRunner().invoke(app, ["tune", "--method", "ce", "--space", "holdout", "--direct", "--out", "h.csv"])
+    assert done.exit_code == 2 and "tuning.spaces.holdout sets split.mode, which the processed data" in done.output, done.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ce.csv", "params.yaml", "recall.yaml"]  # nothing written
 
 
 def test_tune_runs_validation_only_trials_and_ranks_them(tmp_path: Path) -> None:
