@@ -96,11 +96,14 @@ def run_block(folder: Path) -> str:
                       f"| baseline | Recall@{k} | p | NDCG@{k} | p |", "|---|---:|---:|---:|---:|"]
             lines += [f"| {name} | {_percent(c[recall])} | {_p(c[recall]['p_value'])} | {_percent(c[ndcg])} | {_p(c[ndcg]['p_value'])} |"
                       for name, c in each.items()]
-            n = best[ndcg]
-            verdict = ("no test with one seed" if n["p_value"] is None else
-                       "significant at p < 0.05" if n["p_value"] < 0.05 else "not significant at p < 0.05")
-            lines += ["", f"The best baseline by NDCG@{k} is `{n['baseline']}`: `{target}` changes its NDCG@{k} by "
-                          f"{_percent(n)} (p = {_p(n['p_value'])}, {n['paired_seeds']} paired seeds, {verdict}).", ""]
+            lines.append("")
+            for metric, label in ((ndcg, f"NDCG@{k}"), (recall, f"Recall@{k}")):
+                n = best[metric]
+                verdict = ("no test with one seed" if n["p_value"] is None else
+                           "significant at p < 0.05" if n["p_value"] < 0.05 else "not significant at p < 0.05")
+                lines.append(f"The best baseline by {label} is `{n['baseline']}`: `{target}` changes its {label} by "
+                             f"{_percent(n)} (p = {_p(n['p_value'])}, {n['paired_seeds']} paired seeds, {verdict}).")
+            lines.append("")
     return "\n".join(lines)
 
 
