@@ -20,7 +20,7 @@ from rcekd.sparse import UserItems
 from rcekd.train import FitResult, fit, resolve_device
 from rcekd.trajectory import read_trajectory
 from stages.common import (
-    SEED_OPTION_HELP, build_model, diverged, log, model_spec, peak_memory, resume_file, resume_options, training_options,
+    SEED_OPTION_HELP, build_model, diverged, log, model_spec, peak_memory, resume_options, training_options,
     write_timing,
 )
 from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
@@ -121,7 +121,7 @@ def main(
             **peak_memory(device),
         },
     )
-    resume_file(out).unlink(missing_ok=True)
+    Path(resume["resume_path"]).unlink(missing_ok=True)
     log(f"distill {method}: best validation NDCG@20 {result.best_valid.get('ndcg@20', float('nan')):.4f} at epoch {result.best_epoch}")
 
 
