@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import resource
 import sys
 import time
@@ -104,17 +105,25 @@ def write_timing(path: Path | None, history: list[dict]) -> None:
         write_history(path, [{key: row[key] for key in columns} for row in history])
 
 
+RESUME_DIR = "RCEKD_RESUME_DIR"
+
+
 def resume_options(out: Path, run: dict, code: Path = Path(rcekd.__file__).parent) -> dict:
-    """`fit`'s resume keywords: the training state lives beside the checkpoint (`<out>.resume`, removed
-    once the checkpoint is written) and is keyed by everything the run read and by rcekd's own code, so
-    a state saved by a run with other settings, data or code is never continued."""
+    """`fit`'s resume keywords: the training state lives beside the checkpoint (`<out>.resume`), or, where
+    the environment names a folder (RCEKD_RESUME_DIR, which `rcekd run-queue` sets for the queue's
+    experiments, each run in a fresh copy of the repository), in that folder as `<key>.resume`; it is
+    removed once the checkpoint is written. The key hashes everything the run read and rcekd's own code,
+    so a state saved by a run with other settings, data or code is never continued."""
     run = {key: value for key, value in run.items() if key != "resume_every"}  # how often: not what
     sources = hashlib.sha256()
     for source in sorted(code.rglob("*.py")):
         sources.update(source.read_bytes())
     run["code"] = sources.hexdigest()
     key = hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()
-    return {"resume_path": resume_file(out), "resume_key": key}
+    folder = os.environ.get(RESUME_DIR, "").strip()
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    return {"resume_path": Path(folder) / f"{key}.resume" if folder else resume_file(out), "resume_key": key}
 
 
 def resume_file(out: Path) -> Path:

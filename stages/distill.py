@@ -20,7 +20,7 @@ from rcekd.sparse import UserItems
 from rcekd.train import FitResult, fit, resolve_device
 from rcekd.trajectory import read_trajectory
 from stages.common import (
-    SEED_OPTION_HELP, build_model, diverged, log, model_spec, peak_memory, resume_file, resume_options, training_options,
+    SEED_OPTION_HELP, build_model, diverged, log, model_spec, peak_memory, resume_options, training_options,
     write_timing,
 )
 from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
@@ -50,28 +50,9 @@ def main(
         all_params = load_params(params)
         spec = model_spec(all_params, student, "student", params)
         options = training_options(all_params, spec, params, seed=seed)
-        kd_params = dict(section(all_params, f"kd.{method}", params) or {})
-        loop = {key: kd_params.pop(key) for key in LOOP_KEYS if key in kd_params}
-        for key, option in STUDENT_KEYS.items():
-            if key in kd_params:
-                value = kd_params.pop(key)
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (key == "lr" and value == 0):
-                    raise ParamsError(f"{params}: kd.{method}.{key} = {value!r}; expected a number {'> 0' if key == 'lr' else '>= 0'}")
-                options[option] = float(value)
-        registered = kd_params.pop("method", method)
-        if registered not in METHODS:
-            raise ParamsError(
-                f"{params}: kd.{method} names no method: add `method: <one of {', '.join(METHODS)}>` to the section"
-            )
+        registered, kd_params, loop, student_options = method_settings(all_params, method, params)
+        options |= student_options
         kd_class = METHODS[registered]
-        kwargs_for(kd_class.__init__, kd_params, f"kd.{method}")
-        if not isinstance(loop.get("weight"), (int, float)) or loop["weight"] < 0:
-            raise ParamsError(f"{params}: kd.{method}.weight = {loop.get('weight')!r}; expected a number >= 0")
-        if loop.get("reduction", "users") not in ("users", "rows"):
-            raise ParamsError(f"{params}: kd.{method}.reduction = {loop['reduction']!r}; expected 'users' or 'rows'")
-        for key in ("k", "l"):
-            if key in kd_params and not 0 < kd_params[key]:
-                raise ParamsError(f"{params}: kd.{method}.{key} = {kd_params[key]!r}; expected > 0")
         device = resolve_device(section(all_params, "device", params))
         splits = load_splits(data)
         for key in ("k", "l"):
@@ -140,5 +121,31 @@ def main(
             **peak_memory(device),
         },
     )
-    resume_file(out).unlink(missing_ok=True)
+    Path(resume["resume_path"]).unlink(missing_ok=True)
     log(f"distill {method}: best validation NDCG@20 {result.best_valid.get('ndcg@20', float('nan')):.4f} at epoch {result.best_epoch}")
+
+
+def method_settings(all_params: dict, method: str, params: Path) -> tuple[str, dict, dict, dict]:
+    """kd.<method> checked and split: (the registered method, its constructor's arguments, the loop's keys,
+    the student's training options), or a ParamsError naming the bad key."""
+    kd_params = dict(section(all_params, f"kd.{method}", params) or {})
+    loop = {key: kd_params.pop(key) for key in LOOP_KEYS if key in kd_params}
+    options = {}
+    for key, option in STUDENT_KEYS.items():
+        if key in kd_params:
+            value = kd_params.pop(key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (key == "lr" and value == 0):
+                raise ParamsError(f"{params}: kd.{method}.{key} = {value!r}; expected a number {'> 0' if key == 'lr' else '>= 0'}")
+            options[option] = float(value)
+    registered = kd_params.pop("method", method)
+    if registered not in METHODS:
+        raise ParamsError(f"{params}: kd.{method} names no method: add `method: <one of {', '.join(METHODS)}>` to the section")
+    kwargs_for(METHODS[registered].__init__, kd_params, f"kd.{method}")
+    if not isinstance(loop.get("weight"), (int, float)) or loop["weight"] < 0:
+        raise ParamsError(f"{params}: kd.{method}.weight = {loop.get('weight')!r}; expected a number >= 0")
+    if loop.get("reduction", "users") not in ("users", "rows"):
+        raise ParamsError(f"{params}: kd.{method}.reduction = {loop['reduction']!r}; expected 'users' or 'rows'")
+    for key in ("k", "l"):
+        if key in kd_params and not 0 < kd_params[key]:
+            raise ParamsError(f"{params}: kd.{method}.{key} = {kd_params[key]!r}; expected > 0")
+    return registered, kd_params, loop, options

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import typer
 
 from rcekd.checkpoint import load_checkpoint
@@ -28,6 +29,7 @@ def main(
     try:
         all_params = load_params(params)
         exclude_valid = section(all_params, "evaluate.exclude_valid_in_test", params)  # a bool: checked by load_params
+        valid_input = section(all_params, "evaluate", params).get("valid_in_test_input", False)  # likewise; optional
         ks = tuple(section(all_params, "evaluate", params).get("ks", (10, 20)))  # checked by load_params
         device = resolve_device(section(all_params, "device", params))
         splits = load_splits(data)
@@ -37,6 +39,8 @@ def main(
     known = {name: UserItems(splits.pairs(name), splits.n_users, splits.n_items, device) for name in ("train", "valid", "test")}
     valid = full_ranking(model, known["valid"], exclude=[known["train"]], ks=ks, device=device)
     test_exclude = [known["train"], known["valid"]] if exclude_valid else [known["train"]]
+    if valid_input:  # the validation interactions join the model's input at test: a sequence's window, LightGCN's graph
+        model.bind(np.concatenate([splits.train, splits.valid]))  # each user's rows stay in time order (train, then valid)
     test = full_ranking(model, known["test"], exclude=test_exclude, ks=ks, device=device)
     result = {"test": test, "valid": valid, "best_epoch": meta["best_epoch"], "epochs_run": meta["epochs_run"]}
     result.update({key: meta[key] for key in ("peak_rss_mb", "peak_gpu_mb") if key in meta})  # the training run's

@@ -76,7 +76,7 @@ SCHEMA: dict[str, Any] = {
     "backbones": dict,
     "trajectory": {"every": INT_GE1, "topk": INT_GE1},
     "cache": {"topk": INT_GE1, "chunk": INT_GE1, "store": NAME, "hstu_logit": NAME},
-    "evaluate": {"exclude_valid_in_test": BOOL, "ks": KS},
+    "evaluate": {"exclude_valid_in_test": BOOL, "valid_in_test_input": BOOL, "ks": KS},
     "grid": {"teachers": NAMES, "students": NAMES, "methods": NAMES, "seeds": SEEDS},
     "report": {"target": NAME, "baselines": NAMES},
     "tuning": {"seed": INT_GE0, "trials": INT_GE1, "spaces": dict},

@@ -29,13 +29,13 @@ import yaml
 
 from rcekd.io import read_json
 from rcekd.report import run_path
-from stages.tune import METRIC, best_of
+from stages.tune import best_of, metric_of
 
 BLOCK = re.compile(r"(<!-- readme: (\w+) (\S+) -->\n)(.*?)(<!-- readme: end -->)", re.S)
 # The paper's values a run block shows, by protocol: Table 1 at 20 (setting, run, recall@20, ndcg@20); with
 # split.mode leave_one_out, the sequential Table 12 at 10 (App. D.1: setting, run, recall@10, ndcg@10)
 PAPERS = {False: (20, Path("results/paper/table1.csv")), True: (10, Path("results/paper/table12.csv"))}
-NOT_PARAMS = {"trial", METRIC, "best_epoch", "epochs", "experiment"}
+NOT_PARAMS = {"trial", "best_epoch", "epochs", "experiment"}  # and the selection column, valid_<metric>
 
 
 def _cell(value: dict) -> str:
@@ -50,12 +50,12 @@ def _p(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2g}"
 
 
-def _epochs(folder: Path, dataset: str, name: str, seeds: list[int | None]) -> str:
+def _epochs(folder: Path, dataset: str, name: str, seeds: list[int | None], metric: str) -> str:
     """Best epoch / epochs run, from the runs' histories (the mean over seeds when there are several)."""
     found = []
     for seed in seeds:
         history = run_path(folder / "artifacts" / dataset, name, seed) / "history.csv"
-        found.append(best_of(list(csv.DictReader(history.open())))[1:])  # (best epoch, epochs run)
+        found.append(best_of(list(csv.DictReader(history.open())), metric)[1:])  # (best epoch, epochs run)
     best, run = (sum(column) / len(found) for column in zip(*found))
     return f"{best:.0f} / {run:.0f}"
 
@@ -66,6 +66,7 @@ def run_block(folder: Path) -> str:
     dataset, seeds = params["dataset"], params["grid"]["seeds"]
     k, paper_file = PAPERS[params.get("split", {}).get("mode", "chronological") == "leave_one_out"]
     recall, ndcg = f"recall@{k}", f"ndcg@{k}"
+    selected = f"valid_{params.get('train', {}).get('select', 'ndcg@20')}"  # the runs' selection metric
     report = read_json(folder / "artifacts/reports" / dataset / "results.json")
     paper = {(row["setting"], row["run"]): row for row in csv.DictReader(paper_file.open())} if paper_file.exists() else {}
     lines = [f"From `{folder / 'artifacts/reports' / dataset / 'results.json'}` ({len(seeds)} seed(s) {seeds}; test split, full ranking"
@@ -86,7 +87,7 @@ def run_block(folder: Path) -> str:
             theirs = paper.get((setting, key))
             vs = _change(summary[ndcg]["mean"], alone[ndcg]["mean"]) if alone and key != "student" else ""
             lines.append(f"| {label} | {_cell(summary[recall])} | {_cell(summary[ndcg])} | {vs} | "
-                         f"{theirs[recall] + ' / ' + theirs[ndcg] if theirs else ''} | {_epochs(folder, dataset, name, run_seeds)} |")
+                         f"{theirs[recall] + ' / ' + theirs[ndcg] if theirs else ''} | {_epochs(folder, dataset, name, run_seeds, selected)} |")
         lines.append("")
         each, best = block.get("vs_each_baseline"), block.get("vs_best_baseline")
         if each:
@@ -130,12 +131,14 @@ def tuning_block(folder: Path) -> str:
     for path in files:
         rows = list(csv.DictReader(path.open()))
         chosen = rows[0]
-        values = ", ".join(f"{key.split('.')[-1]} {chosen[key]}" for key in chosen if key not in NOT_PARAMS)
-        others = [float(row[METRIC]) for row in rows[1:]]
+        metric = metric_of(chosen)
+        values = ", ".join(f"{key.split('.')[-1]} {chosen[key]}" for key in chosen if key not in NOT_PARAMS | {metric})
+        others = [float(row[metric]) for row in rows[1:]]
+        shown = "" if metric == "valid_ndcg@20" else f" ({metric.removeprefix('valid_')})"  # a search on another metric
         spread = f"{min(others):.4f}–{max(others):.4f}" if others else ""
         direct = Counter(row["experiment"].removeprefix("direct:") for row in rows if row["experiment"].startswith("direct:"))
         where = "".join(f" ({count} on {device})" for device, count in sorted(direct.items()))
-        lines.append(f"| {path.stem} | {len(rows)}{where} | {values} | {float(chosen[METRIC]):.4f} | {spread} | "
+        lines.append(f"| {path.stem} | {len(rows)}{where} | {values} | {float(chosen[metric]):.4f}{shown} | {spread} | "
                      f"{chosen['best_epoch']} / {chosen['epochs']} | `{path.name}` |")
     return "\n".join(lines) + "\n"
 

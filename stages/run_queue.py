@@ -3,6 +3,8 @@
 DVC's experiment queue does the work (`dvc exp run --run-all -j N`, which waits for the workers).
 This sets what each worker's stages read (stages/worker.py): torch's threads (RCEKD_THREADS, by
 default the cores shared out among the workers) and the GPUs the workers share (RCEKD_GPUS), and it
+keeps each experiment's training state in one folder outside the experiments' copies of the repository
+(RCEKD_RESUME_DIR, default `.resume/`), so that an experiment queued again resumes; and it
 works around a known weakness of the queue: workers may exit while experiments are still queued
 (treeverse/dvc#10562), so it starts them again as long as a round leaves fewer queued than before.
 """
@@ -15,11 +17,12 @@ import re
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Callable, Iterable
 
 import typer
 
-from stages.common import log
+from stages.common import RESUME_DIR, log
 
 
 STATES = ("Queued", "Running", "Success", "Failed")
@@ -146,7 +149,9 @@ def main(
 ) -> None:
     """Run the queued experiments (`dvc exp run --queue ...`) with JOBS workers of THREADS threads each."""
     threads = threads or max((os.cpu_count() or 1) // jobs, 1)
-    env = {**os.environ, "RCEKD_THREADS": str(threads)}
+    # Each experiment runs in a fresh copy of the repository: its training state is kept outside it, so that
+    # an experiment queued again (after a killed run or session) resumes instead of starting over.
+    env = {**os.environ, "RCEKD_THREADS": str(threads), RESUME_DIR: os.environ.get(RESUME_DIR) or str(Path(".resume").resolve())}
     if gpus:
         env["RCEKD_GPUS"] = gpus
     states = queue_states()

@@ -14,7 +14,7 @@ from rcekd.sparse import UserItems
 from rcekd.train import fit, resolve_device
 from rcekd.trajectory import TrajectoryRecorder
 from stages.common import (
-    ROLES, SEED_OPTION_HELP, build_model, diverged, log, model_spec, peak_memory, resume_file, resume_options, training_options,
+    ROLES, SEED_OPTION_HELP, build_model, diverged, log, model_spec, peak_memory, resume_options, training_options,
     write_timing,
 )
 from stages.params import PARAMS_OPTION, ParamsError, fail, kwargs_for, load_params, section
@@ -75,5 +75,5 @@ def main(
             **peak_memory(device),
         },
     )
-    resume_file(out).unlink(missing_ok=True)
+    Path(resume["resume_path"]).unlink(missing_ok=True)
     log(f"{role} {backbone}: best validation NDCG@20 {result.best_valid.get('ndcg@20', float('nan')):.4f} at epoch {result.best_epoch}")

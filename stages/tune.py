@@ -5,7 +5,8 @@ is a trial; when there are more than `tuning.trials`, that many are drawn (seede
 so every method gets the same budget. Each trial is one queued experiment (`dvc exp run --queue -S ...`)
 whose target is the run's training stage (`train_student@S-seed` or `distill@T-S-method-seed`): no
 evaluate stage runs, so test metrics are never computed while tuning. The queue runs them
-(`rcekd run-queue`); the trials' parameters, best validation NDCG@20, best epoch and epochs, read from
+(`rcekd run-queue`); the trials' parameters, best validation NDCG@20 (the selection metric, `train.select`,
+or the space's one value of it: MKD's protocol selects on Recall@20), best epoch and epochs, read from
 each experiment's history, go to a CSV (default artifacts/tuning/<dataset>/<T>_to_<S>/<method>.csv),
 best first, as each trial finishes; a rerun skips the trials the CSV already holds, so an interrupted
 search (a killed process, a lost machine) loses only its unfinished trials. The best trial's values are
@@ -35,10 +36,27 @@ import yaml
 from rcekd.io import atomic_path
 from stages.common import log
 from stages.direct import device_label
-from stages.run_queue import drop_unfinished, experiment_revs, queue, run_landing, settle, stamp
+from stages.run_queue import drop_unfinished, experiment_revs, queue, run_all, run_landing, settle, stamp
 from stages.params import PARAMS_OPTION, ParamsError, fail, load_params, read_yaml, section, with_settings
 
-METRIC = "valid_ndcg@20"
+METRIC = "valid_ndcg@20"  # the default selection; a search's CSV names its own column, valid_<train.select>
+
+
+def selection(params: dict, space: dict, where: str) -> str:
+    """The history column a search ranks its trials by: valid_<train.select>, the space's one value of it
+    or params.yaml's (trials selected on different metrics would not be comparable)."""
+    chosen = space.get("train.select", [section(params, "train", where).get("select", "ndcg@20")])
+    if len(set(chosen)) != 1:
+        raise ParamsError(f"{where}: a search's train.select must be one value (its trials are ranked by it), not {chosen}")
+    return f"valid_{chosen[0]}"
+
+
+def metric_of(row: dict) -> str:
+    """The selection column of a trials CSV's row (valid_ndcg@20 or valid_recall@20)."""
+    column = next((key for key in row if key.startswith("valid_")), None)
+    if column is None:
+        raise ParamsError(f"a trials CSV row has no valid_<metric> column (its columns: {', '.join(row)})")
+    return column
 
 
 def trials(space: dict[str, list], budget: int, seed: int) -> list[dict]:
@@ -50,9 +68,9 @@ def trials(space: dict[str, list], budget: int, seed: int) -> list[dict]:
     return [grid[i] for i in keep]
 
 
-def best_of(history: list[dict]) -> tuple[float, int, int]:
-    """(best validation NDCG@20, its epoch, epochs run) of a history: the first epoch reaching the best."""
-    values = [float(row[METRIC]) for row in history]
+def best_of(history: list[dict], metric: str = METRIC) -> tuple[float, int, int]:
+    """(best value of `metric`, its epoch, epochs run) of a history: the first epoch reaching the best."""
+    values = [float(row[metric]) for row in history]
     best = max(range(len(values)), key=lambda i: (values[i], -i))
     return values[best], int(history[best]["epoch"]), len(values)
 
@@ -69,7 +87,7 @@ def read_rows(path: Path) -> list[dict]:
 
 def write_rows(path: Path, rows: list[dict]) -> None:
     """The trials, best first, written whole (never a half-written file)."""
-    rows = sorted(rows, key=lambda row: -float(row[METRIC]))
+    rows = sorted(rows, key=lambda row: -float(row[metric_of(row)]))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -77,18 +95,19 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def run_recording(jobs: int, method: str, queued: dict[str, dict], rows: list[dict], history: str, out: Path) -> list[dict]:
+def run_recording(jobs: int, method: str, queued: dict[str, dict], rows: list[dict], history: str, out: Path,
+                  metric: str) -> list[dict]:
     """Run the queue; each trial's row goes into `out` as soon as its experiment exists, so an interrupted
     search keeps (and a rerun skips) every finished trial. Returns all rows."""
     left = len(queued)
 
     def land(name: str, rev: str) -> None:
         nonlocal left
-        best, epoch, epochs = best_of(list(csv.DictReader(shown(rev, history).splitlines())))
-        rows.append({"trial": name, **queued[name], METRIC: best, "best_epoch": epoch, "epochs": epochs, "experiment": rev[:10]})
+        best, epoch, epochs = best_of(list(csv.DictReader(shown(rev, history).splitlines())), metric)
+        rows.append({"trial": name, **queued[name], metric: best, "best_epoch": epoch, "epochs": epochs, "experiment": rev[:10]})
         write_rows(out, rows)
         left -= 1
-        log(f"tune {method}: {name} {METRIC} {best:.5f}; {left} to go (in {out})")
+        log(f"tune {method}: {name} {metric} {best:.5f}; {left} to go (in {out})")
 
     if not run_landing(jobs, queued, land):
         raise SystemExit(f"error: the experiments of the search of {method} did not all finish (above); "
@@ -101,7 +120,7 @@ def shown(rev: str, path: str) -> str:
     return subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
 
 
-def adopt(space_name: str, space: dict, chosen: list[dict], rows: list[dict], history: str) -> list[dict]:
+def adopt(space_name: str, space: dict, chosen: list[dict], rows: list[dict], history: str, metric: str) -> list[dict]:
     """Rows for this search's trials that an earlier run queued and that finished after it stopped (a session
     ended with trials in the queue, and the next session's workers ran them): an experiment named as the
     search names its trials, for a trial without a row, whose params.yaml holds that trial's values."""
@@ -118,8 +137,8 @@ def adopt(space_name: str, space: dict, chosen: list[dict], rows: list[dict], hi
                 continue
         except ParamsError:
             continue
-        best, epoch, epochs = best_of(list(csv.DictReader(shown(rev, history).splitlines())))
-        found.append({"trial": name, **values, METRIC: best, "best_epoch": epoch, "epochs": epochs, "experiment": rev[:10]})
+        best, epoch, epochs = best_of(list(csv.DictReader(shown(rev, history).splitlines())), metric)
+        found.append({"trial": name, **values, metric: best, "best_epoch": epoch, "epochs": epochs, "experiment": rev[:10]})
         done.add(trial_key(values, space))
     return found
 
@@ -137,7 +156,7 @@ def direct_command(method: str, teacher: str, student: str, seed: int, dataset: 
 
 
 def run_direct(jobs: int, method: str, queued: dict[str, dict], commands: dict[str, list[str]], rows: list[dict],
-               out: Path, scratch: Path, label: str) -> list[dict]:
+               out: Path, scratch: Path, label: str, metric: str) -> list[dict]:
     """Run each trial's command, `jobs` at once; its row goes into `out` as soon as it finishes. Returns all rows."""
     waiting, running, failed = list(queued), {}, []
     while waiting or running:
@@ -158,10 +177,10 @@ def run_direct(jobs: int, method: str, queued: dict[str, dict], commands: dict[s
                 log(f"tune {method}: {name} failed (exit {process.returncode}):\n  " + "\n  ".join(tail))
                 continue
             history = list(csv.DictReader((scratch / name / "history.csv").open()))
-            best, epoch, epochs = best_of(history)
-            rows.append({"trial": name, **queued[name], METRIC: best, "best_epoch": epoch, "epochs": epochs, "experiment": label})
+            best, epoch, epochs = best_of(history, metric)
+            rows.append({"trial": name, **queued[name], metric: best, "best_epoch": epoch, "epochs": epochs, "experiment": label})
             write_rows(out, rows)
-            log(f"tune {method}: {name} {METRIC} {best:.5f}; {len(waiting) + len(running)} to go (in {out})")
+            log(f"tune {method}: {name} {metric} {best:.5f}; {len(waiting) + len(running)} to go (in {out})")
     if failed:
         raise SystemExit(f"error: trials {', '.join(failed)} of the search of {method} failed (their logs: {scratch}); "
                          f"the finished ones are in {out}, and a rerun runs the others")
@@ -200,13 +219,18 @@ def main(
             raise ParamsError(f"{params}: tuning.spaces.{space_name} = {space!r}; expected parameter: [values, ...] pairs")
         if method != "student" and method not in section(all_params, "kd", params):
             raise ParamsError(f"{params}: tuning.spaces.{space_name}: no section kd.{method} to tune")
+        metric = selection(all_params, space, f"{params}: tuning.spaces.{space_name}")
     except ParamsError as err:
         fail(err)
     target, run_dir = run_name(method, teacher, student, seed)
     chosen = trials(space, budget, seed)
     out = out or Path(f"artifacts/tuning/{dataset}/{teacher}_to_{student}/{space_name}.csv")
     rows = [row for row in read_rows(out) if trial_key(row, space) in {trial_key(values, space) for values in chosen}]
-    adopted = [] if direct else adopt(space_name, space, chosen, rows, f"artifacts/{dataset}/{run_dir}/history.csv")
+    other = [row["trial"] for row in rows if metric not in row]
+    if other:  # trials ranked on another metric would not compare with these
+        fail(ParamsError(f"{out}: trials {', '.join(other)} were selected on {metric_of(rows[0])}, this search on {metric}; "
+                         f"move the file away or pass another --out"))
+    adopted = [] if direct else adopt(space_name, space, chosen, rows, f"artifacts/{dataset}/{run_dir}/history.csv", metric)
     if adopted:
         rows += adopted
         write_rows(out, rows)
@@ -215,6 +239,13 @@ def main(
     todo = [values for values in chosen if trial_key(values, space) not in done]
     log(f"tune {method}: {len(chosen)} trials of {len(list(itertools.product(*space.values())))} ({target}, validation only)"
         + (f"; {len(chosen) - len(todo)} already in {out}" if done else ""))
+    # keys the processed data (preprocess's params) or, for a distillation, the teacher and its cache read
+    upstream = [key for key in space if key.split(".")[0] in {"dataset", "datasets", "split"}
+                or method != "student" and (key.split(".")[0] in {"seed", "device", "train", "trajectory", "cache"}
+                                            or key.startswith(f"backbones.{teacher}.teacher."))]
+    if todo and direct and upstream:  # --direct reuses the workspace's processed data and teacher as they are
+        fail(ParamsError(f"tuning.spaces.{space_name} sets {', '.join(upstream)}, which the processed data or the teacher "
+                         f"depend on; --direct reuses the workspace's, so run this search without --direct"))
     if todo and direct:
         names = [f"direct-{space_name}-{chosen.index(values)}" for values in todo]
         needed = [Path(f"data/processed/{dataset}")]
@@ -229,19 +260,24 @@ def main(
             run.mkdir(parents=True, exist_ok=True)
             (run / "params.yaml").write_text(yaml.safe_dump(with_settings(all_params, values), sort_keys=False))
             commands[name] = direct_command(method, teacher, student, seed, dataset, run)
-        rows = run_direct(jobs, method, dict(zip(names, todo)), commands, rows, out, scratch / space_name, device_label(all_params))
+        rows = run_direct(jobs, method, dict(zip(names, todo)), commands, rows, out, scratch / space_name, device_label(all_params), metric)
     elif todo:
         names, when = [], stamp()  # experiment names are unique per search
         grid = {"grid.teachers": [teacher], "grid.students": [student], "grid.seeds": [seed]}
         grid |= {} if method == "student" else {"grid.methods": [method]}
         settle()
         drop_unfinished(f"tune-{space_name}")  # an earlier run's, left by its end
+        if method != "student":  # the teacher and its cache once (another protocol's teacher: trained here), so
+            # that the trials, run at once, each restore them from the run cache instead of each training them
+            queue(f"tune-{space_name}-{when}-upstream", grid | todo[0], f"cache_teacher@{teacher}")
+            run_all(1, f"the search of {method} (its teacher)")
+            settle()  # its worker lingers and could take a trial queued now, and lose it
         for values in todo:
             names.append(f"tune-{space_name}-{when}-{chosen.index(values)}")
             queue(names[-1], grid | values, target)
-        rows = run_recording(jobs, method, dict(zip(names, todo)), rows, f"artifacts/{dataset}/{run_dir}/history.csv", out)
-    rows.sort(key=lambda row: -float(row[METRIC]))
+        rows = run_recording(jobs, method, dict(zip(names, todo)), rows, f"artifacts/{dataset}/{run_dir}/history.csv", out, metric)
+    rows.sort(key=lambda row: -float(row[metric]))
     best = next(values for values in chosen if trial_key(values, space) == trial_key(rows[0], space))
     select = " ".join(f"-S '++{key}={json.dumps(value)}'" for key, value in best.items())
-    log(f"tune {method}: best {METRIC} {float(rows[0][METRIC]):.5f} at epoch {rows[0]['best_epoch']} ({rows[0]['trial']}); trials in {out}")
+    log(f"tune {method}: best {metric} {float(rows[0][metric]):.5f} at epoch {rows[0]['best_epoch']} ({rows[0]['trial']}); trials in {out}")
     log(f"tune {method}: select it with {select}")

@@ -253,6 +253,24 @@ def test_hstu_length_groups_give_the_padded_batch() -> None:
     assert abs(float(model.batch_loss(batch, weight_decay=0.01).base.detach()) - float(reference.base.detach())) > 1e-4
 
 
+def test_binding_more_pairs_gives_the_test_input_its_validation_interactions() -> None:
+    """evaluate.valid_in_test_input binds train + valid after the validation pass: LightGCN propagates over
+    the larger graph (its cached eval tables are dropped), a sequence's window ends with the valid item."""
+    train, valid = np.array([[0, 0], [0, 1], [1, 1], [1, 2], [2, 0]]), np.array([[0, 3], [1, 0], [2, 3]])
+    torch.manual_seed(0)
+    model = LightGCN(n_users=3, n_items=4, dim=4, layers=2).bind(train).eval()
+    with torch.no_grad():
+        before = model.encode(torch.arange(3))[0].clone()
+        model.bind(np.concatenate([train, valid]))
+        after = model.encode(torch.arange(3))[0]
+        fresh = LightGCN(n_users=3, n_items=4, dim=4, layers=2)
+        fresh.load_state_dict(model.state_dict())
+        expected = fresh.bind(np.concatenate([train, valid])).eval().encode(torch.arange(3))[0]
+    assert not torch.allclose(before, after) and torch.equal(after, expected)
+    sasrec = SASRec(n_users=3, n_items=4, dim=4, blocks=1, heads=1, max_len=3).bind(np.concatenate([train, valid]))
+    assert sasrec.sequences().tolist() == [[0, 1, 3], [1, 2, 0], [4, 0, 3]]  # 4 = padding
+
+
 def test_backbones_need_their_training_pairs() -> None:
     with pytest.raises(RuntimeError, match="bind"):
         LightGCN(n_users=2, n_items=3, dim=4).propagate()

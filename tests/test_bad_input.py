@@ -56,6 +56,7 @@ BAD_PARAMS = [
     ("split.mode", "random", r"split.mode = 'random'; expected chronological, holdout or leave_one_out"),
     ("train.select", "mrr@20", r"train.select = 'mrr@20'; expected ndcg@20 or recall@20"),
     ("evaluate.ks", [10, 50], r"evaluate.ks = \[10, 50\]; expected a list of distinct integers >= 1 with 20 among them"),
+    ("evaluate.valid_in_test_input", "yes", r"evaluate.valid_in_test_input = 'yes'; expected true or false"),
 ]
 
 

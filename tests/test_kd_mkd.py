@@ -14,7 +14,7 @@ from test_rcekd_pieces import make_splits, reference_ce
 from rcekd.backbones.mf import MF
 from rcekd.cache import TeacherCache, write_cache
 from rcekd.kd import KDContext
-from rcekd.kd.mkd import MKD, Projector, cosine_neighbours, cpd1, k_mix
+from rcekd.kd.mkd import MKD, Projector, cosine_neighbours, cpd1, k_mix, pca_neighbours
 from rcekd.sparse import UserItems
 
 N_USERS, N_ITEMS, D_T, D_S = 8, 12, 6, 3
@@ -93,6 +93,76 @@ def test_nkd_without_mix_is_the_distance_of_projected_to_teacher_vectors(ctx) ->
     torch.testing.assert_close(parts["kd"], by_hand.expand(len(users)))  # λ_NKD 1, on every user's entry
 
 
+def test_pca_neighbours_are_the_nearest_others_in_the_leading_components() -> None:
+    """A2's option against numpy: the covariance's leading eigenvectors, then brute-force distances."""
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(12, 5)) * np.array([5.0, 3.0, 1.0, 0.2, 0.1])  # two dominant axes
+    centred = vectors - vectors.mean(0)
+    _, axes = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+    points = centred @ axes[:, ::-1][:, :2]
+    distances = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    np.fill_diagonal(distances, np.inf)
+    got = pca_neighbours(torch.tensor(vectors, dtype=torch.float32), 3, components=2, chunk=5)
+    assert got.tolist() == np.argsort(distances, axis=1, kind="stable")[:, :3].tolist()
+    full = pca_neighbours(torch.tensor(vectors, dtype=torch.float32), 3, components=50, chunk=5)  # all axes: raw distances
+    raw = np.linalg.norm(vectors[:, None] - vectors[None], axis=-1)
+    np.fill_diagonal(raw, np.inf)
+    assert full.tolist() == np.argsort(raw, axis=1, kind="stable")[:, :3].tolist() != got.tolist()
+
+
+def test_the_pca_option_picks_the_pca_neighbours(ctx) -> None:
+    teacher_users, teacher_items = ctx.teacher.factors()
+    mkd = MKD(ctx, parts=["nkd"], top_n=4, neighbour_space="pca", pca_dim=2, neighbours=3)
+    assert torch.equal(mkd.user_neighbours, pca_neighbours(teacher_users, 3, 2))
+    assert torch.equal(mkd.item_neighbours, pca_neighbours(teacher_items, 3, 2))
+    assert not torch.equal(mkd.item_neighbours, cosine_neighbours(teacher_items, 3))
+
+
+def test_the_codes_nkd_is_one_minus_cosine_with_items_at_half_weight(ctx) -> None:
+    mkd = MKD(ctx, parts=["nkd"], mix=False, top_n=4, distance="cosine", item_weight=0.5)
+    model = student()
+    users, user_vecs, item_table, extra = batch(model)
+    teacher_users, teacher_items = ctx.teacher.factors()
+    items = extra["items"]
+    cos = lambda a, b: (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))  # noqa: E731
+    by_hand = ((1 - cos(mkd.f(user_vecs), teacher_users[users])).sum()
+               + 0.5 * (1 - cos(mkd.g(item_table[items]), teacher_items[items])).sum()) / 4
+    torch.testing.assert_close(mkd.loss(users, user_vecs, item_table, **extra)["nkd"], by_hand)
+
+
+def test_the_codes_cpd_compares_to_cosines_of_the_projected_vectors(ctx) -> None:
+    mkd = MKD(ctx, parts=["cpd"], top_n=4, distance="cosine")
+    model = student()
+    users, user_vecs, item_table, extra = batch(model)
+    top, _ = ctx.teacher.topk(4, exclude=ctx.train)
+    with torch.no_grad():
+        f_u, g_i = mkd.f(user_vecs), mkd.g(item_table)
+        f_u, g_i = f_u / f_u.norm(dim=1, keepdim=True), g_i / g_i.norm(dim=1, keepdim=True)
+        ce = [reference_ce((user_vecs[b] @ item_table[top[u]].T).numpy(), (f_u[b] @ g_i[top[u]].T).numpy())
+              for b, u in enumerate(users.tolist())]
+        inverse, pos, neg = extra["pairs"]
+        raw = (user_vecs[inverse] * (item_table[pos] - item_table[neg])).sum(-1)
+        cpd1_by_hand = cpd1(f_u[inverse], g_i[pos], g_i[neg], raw).sum() / 4  # CPD1 on the cosines too
+        flip = float((torch.sign(raw) != torch.sign((f_u[inverse] * (g_i[pos] - g_i[neg])).sum(-1))).float().mean())
+    got = mkd.loss(users, user_vecs, item_table, **extra)
+    np.testing.assert_allclose(float(got["cpd2"].detach()), sum(ce) / 4, rtol=1e-5)
+    torch.testing.assert_close(got["cpd1"].detach(), cpd1_by_hand)
+    assert float(got["flip"]) == flip  # and the flip share, on the cosines
+
+
+def test_flip_is_the_share_of_rows_whose_order_the_projectors_reverse(ctx) -> None:
+    mkd, model = MKD(ctx, parts=["cpd"], top_n=4), student()
+    users, user_vecs, item_table, extra = batch(model)
+    inverse, pos, neg = extra["pairs"]
+    with torch.no_grad():
+        raw = (user_vecs[inverse] * (item_table[pos] - item_table[neg])).sum(-1)
+        projected = (mkd.f(user_vecs)[inverse] * (mkd.g(item_table[pos]) - mkd.g(item_table[neg]))).sum(-1)
+    share = float((torch.sign(raw) != torch.sign(projected)).float().mean())
+    parts = mkd.loss(users, user_vecs, item_table, **extra)
+    assert float(parts["flip"]) == share and 0 < share < 1  # some rows of 4 flip, not all
+    assert "flip" not in MKD(ctx, parts=["nkd"], top_n=4).loss(users, user_vecs, item_table, **extra)
+
+
 def test_nkd_mixes_with_a_teacher_neighbour(ctx, monkeypatch) -> None:
     """Fixed draws: neighbour picks 0, 1, 2, 0, ... and uniforms alternating 0.2 / 0.8 (kept where < α = 0.5).
     The same neighbour v mixes the student side and the teacher side, and v's student vector learns too."""
@@ -136,9 +206,11 @@ def test_cpd2_is_the_ce_over_the_teachers_top_items(ctx) -> None:
     assert all(i not in TRAIN[u] for u in range(N_USERS) for i in mkd.top[u].tolist())  # non-training items
 
 
-def test_nkd_trains_projectors_and_student_but_cpd_only_the_projectors(ctx) -> None:
+@pytest.mark.parametrize("options", [{}, {"distance": "cosine", "item_weight": 0.5, "neighbour_space": "pca", "pca_dim": 2}],
+                         ids=["paper", "code"])
+def test_nkd_trains_projectors_and_student_but_cpd_only_the_projectors(ctx, options) -> None:
     for parts, student_learns in ((["nkd"], True), (["cpd"], False)):
-        mkd, model = MKD(ctx, parts=parts, top_n=4), student()
+        mkd, model = MKD(ctx, parts=parts, top_n=4, **options), student()
         users, user_vecs, item_table, extra = batch(model)
         loss = mkd.loss(users, user_vecs, item_table, **extra)
         (loss["kd"].mean()).backward()
@@ -159,7 +231,8 @@ def test_the_projectors_follow_the_seed_and_leave_the_global_generator_alone(ctx
 
 
 @pytest.mark.parametrize("bad", [{"parts": []}, {"parts": ["nkd", "fd"]}, {"mask": "soft-ish"}, {"alpha": 1.5},
-                                 {"neighbours": N_USERS}, {"top_n": 0}])
+                                 {"neighbours": N_USERS}, {"top_n": 0}, {"neighbour_space": "lda"},
+                                 {"distance": "dot"}, {"pca_dim": 0}, {"item_weight": -1.0}])
 def test_bad_options_are_refused_with_the_option_named(ctx, bad) -> None:
     with pytest.raises(ValueError, match="kd.mkd"):
         MKD(ctx, **{"parts": ["nkd", "cpd"], "top_n": 4, **bad})

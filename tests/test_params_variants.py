@@ -48,3 +48,29 @@ def test_a_record_of_other_students_sets_each_methods_student_weight_decay(name:
     missing = [m for m in methods if "student_weight_decay" in KD[m] and f"kd.{m}.student_weight_decay" not in settings]
     assert not missing, (f"records.{name} trains {students} students but keeps the MF-tuned student_weight_decay of "
                          f"kd.{', kd.'.join(missing)}: set each to the student backbone's own")
+
+
+SPACES = PARAMS["tuning"]["spaces"]
+
+
+@pytest.mark.parametrize("name", sorted(SPACES))
+def test_a_search_space_sets_only_what_its_runs_read(name: str) -> None:
+    """Every key of a space names a parameter its run reads (a typo would make every trial the same run),
+    and every value passes params.yaml's checks."""
+    from stages.distill import method_settings
+    from stages.params import validate, with_settings
+
+    for key, values in SPACES[name].items():
+        *path, last = key.split(".")
+        if path[0] == "kd" and len(path) == 2:
+            for value in values:  # the distill stage's own checks: a known key (method, loop or student), a valid value
+                method_settings(with_settings(PARAMS, {key: value}), path[1], Path("params.yaml"))
+        elif path[:1] == ["backbones"] and last in ("lr", "weight_decay"):
+            assert isinstance(PARAMS["backbones"][path[1]][path[2]], dict), key
+        else:
+            node = PARAMS
+            for part in path + [last]:
+                assert isinstance(node, dict) and part in node, f"tuning.spaces.{name}: {key} names no parameter of params.yaml"
+                node = node[part]
+        for value in values:
+            validate(with_settings(PARAMS, {key: value}), Path("params.yaml"))

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from rcekd.data import load_splits
 from stages.cli import app
-from stages.common import resume_options
+from stages.common import RESUME_DIR, resume_options
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, BATCH = 6, 1024
@@ -110,11 +110,11 @@ def uninterrupted(workspace: Path, params: Path, run: str, tmp_path_factory) -> 
     return _references[run]
 
 
-def interrupted(signal_name: str, point: str, at: int, args: list[str]) -> subprocess.CompletedProcess:
+def interrupted(signal_name: str, point: str, at: int, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     """`rcekd <args>` in a subprocess, signalled at an exact point (tests/interrupt.py)."""
     return subprocess.run(
         [sys.executable, str(ROOT / "tests/interrupt.py"), signal_name, point, str(at), "--", *args],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
 
 
@@ -172,6 +172,23 @@ def test_a_state_of_other_settings_is_not_continued(workspace, params, tmp_path,
     assert restarted.exit_code == 0, restarted.output
     assert "saved by a run with other settings or data; starting from epoch 1" in restarted.output
     assert_same(outputs(out), expected)
+
+
+def test_a_queued_experiment_run_again_in_a_fresh_copy_resumes(workspace, params, tmp_path, tmp_path_factory):
+    """With RCEKD_RESUME_DIR (set by `rcekd run-queue`), the state lives outside the run's folder, as a queued
+    experiment's copy of the repository is gone when it is queued again: a run killed in one folder and
+    started in another continues from it, and ends with the uninterrupted outputs and no state left."""
+    expected = uninterrupted(workspace, params, "distill rcekd", tmp_path_factory)
+    env = {RESUME_DIR: str(tmp_path / "states")}
+    at = 2 * steps_per_epoch(workspace) + 1
+    killed = interrupted("KILL", "step", at, command(workspace, params, tmp_path / "first", "distill rcekd"), env)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not list((tmp_path / "first").glob("*.resume")) and len(list((tmp_path / "states").glob("*.resume"))) == 1
+    restarted = CliRunner().invoke(app, command(workspace, params, tmp_path / "second", "distill rcekd"), env=env)
+    assert restarted.exit_code == 0, restarted.output
+    assert "after epoch 2 " in restarted.output
+    assert not list((tmp_path / "states").iterdir())
+    assert_same(outputs(tmp_path / "second"), expected)
 
 
 def test_same_seed_same_outputs_on_cpu(workspace, params, tmp_path, tmp_path_factory):

@@ -63,3 +63,25 @@ def test_a_failing_status_is_asked_again_then_reported(monkeypatch) -> None:
     fake_dvc(monkeypatch, workers=0, failures=10)
     with pytest.raises(SystemExit, match=r"dvc queue status` failed 10 times \(exit 255\):\nERROR: unexpected error"):
         run_queue.queue_states()
+
+
+def test_the_workers_keep_training_states_outside_the_experiments_copies(monkeypatch, tmp_path) -> None:
+    """run-queue hands its workers RCEKD_RESUME_DIR (the repository's .resume/, unless set), so that an experiment
+    queued again after a killed session resumes from its state instead of starting over (tests/test_resume.py)."""
+    envs = []
+
+    def run(args, **kwargs):
+        if args[:3] == ["dvc", "exp", "run"]:
+            envs.append(kwargs["env"])
+        queued = "" if envs else "5c9e89d  tune-sld-1204-205240-2  Dec 04, 2026  Queued\n"
+        return subprocess.CompletedProcess(args, 0, stdout=queued + "Worker status: 0 active, 0 idle\n", stderr="")
+
+    monkeypatch.setattr(run_queue.subprocess, "run", run)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RCEKD_RESUME_DIR", raising=False)
+    run_queue.main(jobs=2, threads=1, gpus="")
+    assert [env["RCEKD_RESUME_DIR"] for env in envs] == [str(tmp_path.resolve() / ".resume")]
+    monkeypatch.setenv("RCEKD_RESUME_DIR", "/elsewhere")
+    envs.clear()
+    run_queue.main(jobs=2, threads=1, gpus="")
+    assert [env["RCEKD_RESUME_DIR"] for env in envs] == ["/elsewhere"]

@@ -216,6 +216,8 @@ for _name in METHODS:
 SECTIONS["full_ce[factors, not resident]"] = {**SECTIONS["full_ce"], "method": "full_ce", "resident_gb": 0.0}
 SECTIONS["hetcomp[list-wise phase]"] = {**SECTIONS["hetcomp"], "method": "hetcomp"}
 SECTIONS["dcd[no item side]"] = {**SECTIONS["dcd"], "method": "dcd", "item_side": False}
+SECTIONS["mkd[the code's options]"] = {**SECTIONS["mkd"], "method": "mkd", "distance": "cosine", "item_weight": 0.5,
+                                      "neighbour_space": "pca", "pca_dim": 4}
 CASES = [None, *sorted(SECTIONS)]
 
 

@@ -6,10 +6,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import subprocess
 from pathlib import Path
 
-from stages.tune import best_of, trials
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from stages.cli import app
+from stages.params import ParamsError
+from stages.tune import best_of, selection, trials
 from tests.dvc_repo import make_repo, ran_stages, run
 from tests.test_parallel_dvc import GRID
 
@@ -26,6 +33,33 @@ def test_best_of_takes_the_first_epoch_reaching_the_best() -> None:
     history = [{"epoch": "1", "valid_ndcg@20": "0.1"}, {"epoch": "2", "valid_ndcg@20": "0.3"},
                {"epoch": "3", "valid_ndcg@20": "0.3"}, {"epoch": "4", "valid_ndcg@20": "0.2"}]
     assert best_of(history) == (0.3, 2, 4)
+    history = [{**row, "valid_recall@20": value} for row, value in zip(history, ("0.5", "0.2", "0.6", "0.6"))]
+    assert best_of(history, "valid_recall@20") == (0.6, 3, 4)
+
+
+def test_a_search_ranks_by_its_protocols_selection_metric() -> None:
+    params = {"train": {"select": "ndcg@20"}}
+    assert selection(params, {"kd.ce.weight": [1, 10]}, "here") == "valid_ndcg@20"
+    assert selection(params, {"train.select": ["recall@20"], "split.mode": ["holdout"]}, "here") == "valid_recall@20"  # MKD's
+    assert selection({"train": {"select": "recall@20"}}, {}, "here") == "valid_recall@20"
+    with pytest.raises(ParamsError, match=r"here: a search's train.select must be one value"):
+        selection(params, {"train.select": ["ndcg@20", "recall@20"]}, "here")
+
+
+def test_tune_refuses_a_csv_of_another_metric_and_direct_trials_of_another_protocol(tmp_path: Path, monkeypatch) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["tuning"]["spaces"] = {"ce": {"kd.ce.weight": [1]}, "holdout": {"split.mode": ["holdout"], "kd.ce.weight": [1]}}
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    out = Path("ce.csv")  # a trial of the same values, selected on validation NDCG@20 ...
+    out.write_text("trial,kd.ce.weight,valid_ndcg@20,best_epoch,epochs,experiment\nt0,1,0.05,3,5,e\n")
+    params["train"]["select"] = "recall@20"  # ... and a search that selects on Recall@20
+    Path("recall.yaml").write_text(yaml.safe_dump(params))
+    done = CliRunner().invoke(app, ["tune", "--method", "ce", "--out", str(out), "--params", "recall.yaml"])
+    assert done.exit_code == 2 and "ce.csv: trials t0 were selected on valid_ndcg@20, this search on valid_recall@20" in done.output
+    done = CliRunner().invoke(app, ["tune", "--method", "ce", "--space", "holdout", "--direct", "--out", "h.csv"])
+    assert done.exit_code == 2 and "tuning.spaces.holdout sets split.mode, which the processed data" in done.output, done.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ce.csv", "params.yaml", "recall.yaml"]  # nothing written
 
 
 def test_tune_runs_validation_only_trials_and_ranks_them(tmp_path: Path) -> None:
@@ -34,6 +68,8 @@ def test_tune_runs_validation_only_trials_and_ranks_them(tmp_path: Path) -> None
     run(["dvc", "repro", "cache_teacher"], repo)
     output = run(["rcekd", "tune", "--method", "rcekd", "--jobs", "2"], repo)
     assert "2 trials of 2" in output and "-S '++kd.rcekd.student_weight_decay=" in output, output
+    upstream = re.search(r"^\S+\s+(tune-rcekd-\S+-upstream)\s+.*Success$", run(["dvc", "queue", "status"], repo), re.M)
+    assert upstream and not ran_stages(run(["dvc", "queue", "logs", upstream[1]], repo)), output  # the teacher: the workspace's
     rows = list(csv.DictReader((repo / "artifacts/tuning/citeulike/mf_to_mf/rcekd.csv").read_text().splitlines()))
     assert sorted(float(row["kd.rcekd.student_weight_decay"]) for row in rows) == [0.00001, 0.001]  # a key params.yaml lacks
     assert float(rows[0]["valid_ndcg@20"]) >= float(rows[1]["valid_ndcg@20"])  # best first

@@ -49,6 +49,7 @@ class Backbone(nn.Module):
         if len(train) and (train[:, 0].max() >= self.n_users or train[:, 1].max() >= self.n_items):
             raise ValueError(f"{type(self).__name__}: training pairs exceed {self.n_users} users / {self.n_items} items")
         self.train_pairs = train
+        self._known = self._pairs = None  # the negatives' tables of the pairs bound before, if any
         return self
 
     def _bound(self) -> np.ndarray:

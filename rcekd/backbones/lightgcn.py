@@ -114,7 +114,7 @@ class LightGCN(PairwiseBPR):
 
     def bind(self, train: np.ndarray) -> "LightGCN":
         super().bind(train)
-        self._adjacency = None
+        self._adjacency, self._frozen = None, None  # a new graph: propagate again
         return self
 
     def adjacency(self) -> torch.Tensor:

@@ -18,6 +18,14 @@ every user's entry, so both loop reductions keep it; "kd" = λ_SLD·SLD_u + λ_N
 trains them in their own Adam group with weight decay `param_weight_decay`. Table 4's ablations are
 `parts` (a subset of nkd, cpd, sld) and `mix` (false: NKD without K-Mix, i.e. plain feature
 distillation, which every "without NKD" variant keeps: CPD alone ties no projector to the teacher, A11).
+
+The authors' code where it differs from the paper, as options (paper by default; MKD.md §1, §4):
+`neighbour_space: pca` (A2: Euclidean neighbours after PCA to `pca_dim` components), `distance: cosine`
+(A3: NKD = 1 − cos(f(x), t), and CPD's S' scores cosines of f(u) and g(i) in CPD1, flip and CPD2; the
+authors' CPD then uses τ 0.1: `tau`), `item_weight: 0.5` (A9: NKD's item side, unique(i⁺ ∪ i⁻), at half
+weight; the code weighs unique i⁺ and unique i⁻ at 0.5 each, so an item on both sides counts twice there). The part `flip` (Eq. 25's diagnostic, not a loss) is the
+share of the batch's rows whose order the projectors reverse. K-Mix on LightGCN's layer 0 (A8) is not
+offered: the teacher cache holds the final vectors only.
 Per-step randomness (neighbours, masks) comes from torch's global generator, which the loop seeds
 and keeps in its resume state.
 """
@@ -74,9 +82,30 @@ def k_mix(own: torch.Tensor, neighbour: torch.Tensor, mask: torch.Tensor) -> tor
     return mask * own + (1 - mask) * neighbour
 
 
+@torch.no_grad()
+def pca_neighbours(vectors: torch.Tensor, k: int, components: int, chunk: int = 1024) -> torch.Tensor:
+    """[N, k]: each row's k nearest other rows in Euclidean distance after projecting the centred
+    `vectors` [N, D] on their first `components` principal axes (all of them when D is smaller)."""
+    centred = vectors - vectors.mean(0)
+    axes = torch.linalg.svd(centred, full_matrices=False).Vh[:components]  # [c, D]; a sign flip keeps distances
+    points = centred @ axes.T
+    out = []
+    for start in range(0, len(points), chunk):
+        distances = torch.cdist(points[start : start + chunk], points)  # [c, N]
+        rows = torch.arange(len(distances), device=distances.device)
+        distances[rows, start + rows] = float("inf")  # never its own neighbour
+        out.append(distances.topk(k, dim=1, largest=False).indices)
+    return torch.cat(out)
+
+
 def l2_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Row-wise unsquared ‖a − b‖₂ [N] (Eq. 7), with ε inside the root so that its gradient stays finite."""
     return ((a - b).square().sum(-1) + eps).sqrt()
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise 1 − cos(a, b) [N] (the authors' code's NKD)."""
+    return 1 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)
 
 
 def cpd1(f_users: torch.Tensor, g_pos: torch.Tensor, g_neg: torch.Tensor, raw_order: torch.Tensor) -> torch.Tensor:
@@ -90,7 +119,8 @@ class MKD(nn.Module):
         self, ctx: KDContext, *, nkd_weight: float = 1.0, cpd_weight: float = 0.1, cpd2_weight: float = 1.0,
         sld_weight: float = 10.0, neighbours: int = 5, alpha: float = 0.5, mask: str = "hard", mix: bool = True,
         experts: int = 5, top_n: int = 50, tau: float = 1.0, parts: tuple[str, ...] | list[str] = PARTS,
-        param_weight_decay: float = 1.0, sld: dict | None = None,
+        param_weight_decay: float = 1.0, sld: dict | None = None, neighbour_space: str = "cosine", pca_dim: int = 150,
+        distance: str = "l2", item_weight: float = 1.0,
     ):
         super().__init__()
         if not parts or set(parts) - set(PARTS):
@@ -100,19 +130,25 @@ class MKD(nn.Module):
         if not 0 < neighbours < min(ctx.n_users, ctx.n_items) or not 0 < top_n <= ctx.n_items or experts < 1:
             raise ValueError(f"kd.mkd: expected 0 < neighbours ({neighbours}) < users and items, 0 < top_n ({top_n}) "
                              f"<= {ctx.n_items} items, experts ({experts}) >= 1")
+        if neighbour_space not in ("cosine", "pca") or distance not in ("l2", "cosine") or pca_dim < 1 or item_weight < 0:
+            raise ValueError(f"kd.mkd: neighbour_space {neighbour_space!r}, distance {distance!r}, pca_dim {pca_dim}, "
+                             f"item_weight {item_weight}: expected cosine or pca, l2 or cosine, pca_dim >= 1, item_weight >= 0")
         if ctx.student_dim is None:
             raise ValueError("kd.mkd: the student's dimension is unknown (KDContext.student_dim)")
         self.ctx, self.parts, self.mix, self.hard, self.alpha = ctx, tuple(parts), mix, mask == "hard", alpha
         self.weights = {"nkd": nkd_weight, "cpd": cpd_weight, "cpd2": cpd2_weight, "sld": sld_weight}
-        self.tau, self.param_weight_decay = tau, param_weight_decay
+        self.tau, self.param_weight_decay, self.item_weight = tau, param_weight_decay, item_weight
+        self.distance = l2_distance if distance == "l2" else cosine_distance
+        self.normalised = distance == "cosine"
         self.wants = ("pairs", "user_table")
         teacher_users, teacher_items = ctx.teacher.factors()  # [U, d_T], [I, d_T]
         self.teacher_users, self.teacher_items = teacher_users, teacher_items
         with own_initialisation(ctx.seed, "mkd"):  # the projectors' initial weights follow the run's seed only
             self.f = Projector(ctx.student_dim, teacher_users.shape[1], experts)
             self.g = Projector(ctx.student_dim, teacher_users.shape[1], experts)
-        self.user_neighbours = cosine_neighbours(teacher_users, neighbours, ctx.chunk)  # [U, K], once (Eq. 2)
-        self.item_neighbours = cosine_neighbours(teacher_items, neighbours, ctx.chunk)  # [I, K]
+        near = cosine_neighbours if neighbour_space == "cosine" else lambda v, k, c: pca_neighbours(v, k, pca_dim, c)
+        self.user_neighbours = near(teacher_users, neighbours, ctx.chunk)  # [U, K], once (Eq. 2)
+        self.item_neighbours = near(teacher_items, neighbours, ctx.chunk)  # [I, K]
         self.top = ctx.teacher.topk(top_n, exclude=ctx.train)[0] if "cpd" in parts else None  # [U, N]
         self.sld = SLD(ctx, **(sld or {})) if "sld" in parts else None
 
@@ -138,32 +174,40 @@ class MKD(nn.Module):
         inverse, pos, neg = pairs  # [P] each
         n_rows = len(pos)
         zero = user_vecs.new_zeros(())
-        parts = {"nkd": zero, "cpd1": zero, "cpd2": zero, "sld": zero}
+        parts = {"nkd": zero, "cpd1": zero, "cpd2": zero, "flip": zero, "sld": zero}
         kd = user_vecs.new_zeros(len(users))  # [B]
         if "nkd" in self.parts:
             # user_table's rows of the batch users are user_vecs' (one forward), so either carries the gradient
             mixed_user = self.mixed(users, user_table, self.teacher_users, self.user_neighbours)
             mixed_item = self.mixed(items, item_table, self.teacher_items, self.item_neighbours)
-            parts["nkd"] = (l2_distance(self.f(mixed_user[0]), mixed_user[1]).sum()
-                            + l2_distance(self.g(mixed_item[0]), mixed_item[1]).sum()) / n_rows
+            parts["nkd"] = (self.distance(self.f(mixed_user[0]), mixed_user[1]).sum()
+                            + self.item_weight * self.distance(self.g(mixed_item[0]), mixed_item[1]).sum()) / n_rows
         if "cpd" in self.parts:
             # f(u)·g(i) = (aᵤ · hᵢ + cᵤ) / M with hᵢ = g's hidden units, aᵤ = Wᵀ f(u), cᵤ = b · f(u): only g's
-            # first layer runs on the item table (not its d_T-wide output), the same function (tested)
+            # first layer runs on the item table (not its d_T-wide output), the same function (tested); the
+            # cosine option needs each ‖g(i)‖, so there g's output runs on the item table
             frozen_users, frozen_items = user_vecs.detach(), item_table.detach()
             f_users = self.f(frozen_users)  # [B, d_T]
             weight, bias = self.g.output_layer()
-            a, c, m = f_users @ weight, f_users @ bias, len(self.g.experts)  # [B, M·h], [B]
             h = self.g.hidden(frozen_items)  # [I, M·h]
             raw_order = (frozen_users[inverse] * (frozen_items[pos] - frozen_items[neg])).sum(-1)  # [P]
-            projected_order = (a[inverse] * (h[pos] - h[neg])).sum(-1) / m  # order(g(i⁺), g(i⁻) | f(u)), biases cancel
-            parts["cpd1"] = F.relu(-projected_order * raw_order).sum() / n_rows
             top = self.top[users]  # [B, N]
+            if self.normalised:  # the code's: every score after the projectors a cosine (CPD1, flip and CPD2)
+                f_hat, g_hat = F.normalize(f_users, dim=-1), F.normalize((h @ weight.T + bias) / len(self.g.experts), dim=-1)
+                projected_order = (f_hat[inverse] * (g_hat[pos] - g_hat[neg])).sum(-1)
+                projected = pair_scores(f_hat, g_hat, top)
+            else:
+                a, c, m = f_users @ weight, f_users @ bias, len(self.g.experts)  # [B, M·h], [B]
+                projected_order = (a[inverse] * (h[pos] - h[neg])).sum(-1) / m  # order(g(i⁺), g(i⁻) | f(u)), biases cancel
+                projected = (pair_scores(a, h, top) + c[:, None]) / m  # r^{S'} = f(u)·g(i)
+            parts["cpd1"] = F.relu(-projected_order * raw_order).sum() / n_rows
+            parts["flip"] = (projected_order * raw_order < 0).float().mean().detach()  # Eq. 25's share, reported only
             target = pair_scores(frozen_users, frozen_items, top)  # r^S, the student before the projectors
-            projected = (pair_scores(a, h, top) + c[:, None]) / m  # r^{S'} = f(u)·g(i)
             parts["cpd2"] = soft_ce(target, projected, tau=self.tau).sum() / n_rows
         if self.sld is not None:
             parts["sld"] = self.sld.loss(users, user_vecs, item_table)["kd"]  # [B]
             kd = kd + self.weights["sld"] * parts["sld"]
         w = self.weights
         kd = kd + w["nkd"] * parts["nkd"] + w["cpd"] * (parts["cpd1"] + w["cpd2"] * parts["cpd2"])
-        return {"kd": kd, **{name: value.mean() for name, value in parts.items() if name.rstrip("12") in self.parts}}
+        shown = lambda name: (name.rstrip("12") if name != "flip" else "cpd") in self.parts  # noqa: E731
+        return {"kd": kd, **{name: value.mean() for name, value in parts.items() if shown(name)}}
