@@ -29,7 +29,7 @@ import yaml
 
 from rcekd.io import read_json
 from rcekd.report import run_path
-from stages.tune import best_of, metric_of
+from stages.tune import best_of, metric_of, selection
 
 BLOCK = re.compile(r"(<!-- readme: (\w+) (\S+) -->\n)(.*?)(<!-- readme: end -->)", re.S)
 # The paper's values a run block shows, by protocol: Table 1 at 20 (setting, run, recall@20, ndcg@20); with
@@ -66,7 +66,7 @@ def run_block(folder: Path) -> str:
     dataset, seeds = params["dataset"], params["grid"]["seeds"]
     k, paper_file = PAPERS[params.get("split", {}).get("mode", "chronological") == "leave_one_out"]
     recall, ndcg = f"recall@{k}", f"ndcg@{k}"
-    selected = f"valid_{params.get('train', {}).get('select', 'ndcg@20')}"  # the runs' selection metric
+    selected = selection(params, {}, str(folder / "params.yaml"))  # the runs' selection metric
     report = read_json(folder / "artifacts/reports" / dataset / "results.json")
     paper = {(row["setting"], row["run"]): row for row in csv.DictReader(paper_file.open())} if paper_file.exists() else {}
     lines = [f"From `{folder / 'artifacts/reports' / dataset / 'results.json'}` ({len(seeds)} seed(s) {seeds}; test split, full ranking"
