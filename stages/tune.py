@@ -75,6 +75,12 @@ def best_of(history: list[dict], metric: str = METRIC) -> tuple[float, int, int]
     return values[best], int(history[best]["epoch"]), len(values)
 
 
+def trial_row(name: str, values: dict, history: list[dict], metric: str, experiment: str) -> dict:
+    """A trials CSV's row: the trial's values, its history's best `metric`, best epoch and epochs run."""
+    best, epoch, epochs = best_of(history, metric)
+    return {"trial": name, **values, metric: best, "best_epoch": epoch, "epochs": epochs, "experiment": experiment}
+
+
 def trial_key(values: dict, space: dict) -> tuple[str, ...]:
     """A trial's values as the CSV writes them (str), so that a row read back matches its trial."""
     return tuple(str(values[key]) for key in space)
@@ -103,11 +109,10 @@ def run_recording(jobs: int, method: str, queued: dict[str, dict], rows: list[di
 
     def land(name: str, rev: str) -> None:
         nonlocal left
-        best, epoch, epochs = best_of(list(csv.DictReader(shown(rev, history).splitlines())), metric)
-        rows.append({"trial": name, **queued[name], metric: best, "best_epoch": epoch, "epochs": epochs, "experiment": rev[:10]})
+        rows.append(trial_row(name, queued[name], list(csv.DictReader(shown(rev, history).splitlines())), metric, rev[:10]))
         write_rows(out, rows)
         left -= 1
-        log(f"tune {method}: {name} {metric} {best:.5f}; {left} to go (in {out})")
+        log(f"tune {method}: {name} {metric} {rows[-1][metric]:.5f}; {left} to go (in {out})")
 
     if not run_landing(jobs, queued, land):
         raise SystemExit(f"error: the experiments of the search of {method} did not all finish (above); "
@@ -137,8 +142,7 @@ def adopt(space_name: str, space: dict, chosen: list[dict], rows: list[dict], hi
                 continue
         except ParamsError:
             continue
-        best, epoch, epochs = best_of(list(csv.DictReader(shown(rev, history).splitlines())), metric)
-        found.append({"trial": name, **values, metric: best, "best_epoch": epoch, "epochs": epochs, "experiment": rev[:10]})
+        found.append(trial_row(name, values, list(csv.DictReader(shown(rev, history).splitlines())), metric, rev[:10]))
         done.add(trial_key(values, space))
     return found
 
@@ -177,10 +181,9 @@ def run_direct(jobs: int, method: str, queued: dict[str, dict], commands: dict[s
                 log(f"tune {method}: {name} failed (exit {process.returncode}):\n  " + "\n  ".join(tail))
                 continue
             history = list(csv.DictReader((scratch / name / "history.csv").open()))
-            best, epoch, epochs = best_of(history, metric)
-            rows.append({"trial": name, **queued[name], metric: best, "best_epoch": epoch, "epochs": epochs, "experiment": label})
+            rows.append(trial_row(name, queued[name], history, metric, label))
             write_rows(out, rows)
-            log(f"tune {method}: {name} {metric} {best:.5f}; {len(waiting) + len(running)} to go (in {out})")
+            log(f"tune {method}: {name} {metric} {rows[-1][metric]:.5f}; {len(waiting) + len(running)} to go (in {out})")
     if failed:
         raise SystemExit(f"error: trials {', '.join(failed)} of the search of {method} failed (their logs: {scratch}); "
                          f"the finished ones are in {out}, and a rerun runs the others")
