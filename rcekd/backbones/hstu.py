@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcekd.backbones.base import Step
-from rcekd.backbones.sequence import Groups, SequenceBackbone, SequenceBatch, last_items, length_groups  # noqa: F401
+from rcekd.backbones.sequence import (  # noqa: F401
+    Groups, SequenceBackbone, SequenceBatch, group_windows, last_items, length_groups, lookup,
+)
 
 
 class HSTUBlock(nn.Module):
@@ -99,32 +101,36 @@ class HSTU(SequenceBackbone):
     def grouped(self, seq: torch.Tensor, groups: Groups) -> list[torch.Tensor]:
         """seq [B, L] (left-padded; rows in group order) → the outputs [rows, window, D] of each group over
         its own last `window` positions. Dropout's multipliers are drawn for the padded [B, L', D] batch
-        (L' the longest window), as nn.Dropout draws them, one per layer in order, and each group takes
+        (L' the longest window), one draw per layer in order (a uniform below 1 − dropout keeps an element, as
+        a Bernoulli draw does, at half its cost on a CPU), and each group takes
         its rows' (`groups.order`: the batch row of each grouped row) last `window` positions."""
         length = max(window for _, window in groups.sizes)
         noise = [None] * (len(self.blocks) + 1)
         if self.training and self.dropout > 0:
             shape = (len(seq), length, self.item_emb.embedding_dim)
             keep = 1 - self.dropout
-            noise = [torch.empty(shape, dtype=self.item_emb.weight.dtype, device=seq.device).bernoulli_(keep).div_(keep) for _ in noise]
+            dtype = self.item_emb.weight.dtype
+            noise = [(torch.rand(shape, device=seq.device) < keep).to(dtype).div_(keep) for _ in noise]
+        windows = group_windows(seq, groups)
         inputs, start = [], 0  # per group: (x, divisor, distance, its dropout multipliers per layer)
-        for rows, window in groups.sizes:
+        for (rows, window), group_seq, emb in zip(groups.sizes, windows, lookup(self.item_emb, windows)):
             picked = slice(start, start + rows) if groups.order is None else groups.order[start : start + rows]
             group_noise = [None if n is None else n[picked, length - window :] for n in noise]
-            inputs.append(self._embed(seq[start : start + rows, seq.shape[1] - window :], group_noise))
+            inputs.append(self._embed(group_seq, emb, group_noise))
             start += rows
         xs = [x for x, *_ in inputs]
         for layer, block in enumerate(self.blocks, start=1):
             xs = [block(x, divisor, distance, n[layer]) for x, (_, divisor, distance, n) in zip(xs, inputs)]
         return [F.normalize(x, dim=-1) for x in xs]
 
-    def _embed(self, seq: torch.Tensor, noise: list[torch.Tensor | None]) -> tuple:
-        """A group's inputs to the blocks: (x [B, L, D], divisor [B, L, L], distance [L, L], noise)."""
+    def _embed(self, seq: torch.Tensor, emb: torch.Tensor, noise: list[torch.Tensor | None]) -> tuple:
+        """A group's inputs to the blocks from its items `seq` [B, L] and their embeddings `emb` [B, L, D]:
+        (x [B, L, D], divisor [B, L, L], distance [L, L], noise)."""
         length = seq.shape[1]
         real = seq != self.n_items
         first = length - real.sum(1, keepdim=True)  # index of each user's first real item
         positions = (torch.arange(length, device=seq.device) - first).clamp(min=0)
-        x = self.item_emb(seq) + self.pos_emb(positions)
+        x = emb + self.pos_emb(positions)
         x = (x if noise[0] is None else x * noise[0]) * real[..., None]
         mask = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril() & real[:, None, :]
         count = mask.sum(-1, keepdim=True).clamp(min=1).to(x.dtype)
@@ -152,23 +158,24 @@ class HSTU(SequenceBackbone):
         users, negatives, groups = batch
         seq, outs, last = self.last_outputs(users, groups)
         items = self.item_table()
-        negative_items = items[negatives]  # [N, D]
+        windows = group_windows(seq, groups)
+        targets = [group_seq[:, 1:] for group_seq in windows]
+        *target_vecs, negative_items = lookup(lambda ids: items[ids.clamp(max=self.n_items - 1)], [*targets, negatives])
+        target_embs = lookup(self.item_emb, targets) if weight_decay else targets
         total = penalty = n_rows = 0
-        rows, start = [], 0
-        for (size, window), out in zip(groups.sizes, outs):  # out [b, w, D]
-            group_seq = seq[start : start + size, self.max_len - window :]
-            start += size
-            inputs, targets = out[:, :-1], group_seq[:, 1:]
+        rows = []
+        for group_seq, out, target, target_vec, target_emb in zip(windows, outs, targets, target_vecs, target_embs):
+            inputs = out[:, :-1]  # out [b, w, D]
             has_target = group_seq[:, :-1] != self.n_items  # left padding: a real input is followed by a real item
-            pos = (inputs * items[targets.clamp(max=self.n_items - 1)]).sum(-1, keepdim=True)  # [b, w-1, 1]
+            pos = (inputs * target_vec).sum(-1, keepdim=True)  # [b, w-1, 1]
             neg = inputs @ negative_items.T  # [b, w-1, N]
-            neg = neg.masked_fill(negatives[None, None, :] == targets[..., None], float("-inf"))
+            neg = neg.masked_fill(negatives[None, None, :] == target[..., None], float("-inf"))
             logits = torch.cat([pos, neg], dim=-1) / self.temperature
             nll = -F.log_softmax(logits, dim=-1)[..., 0]
             total = total + (nll * has_target).sum()
             n_rows = n_rows + has_target.sum()
             if weight_decay:  # L2 on the embeddings of the targets, a masked sum (no boolean indexing)
-                penalty = penalty + (self.item_emb(targets).square().sum(-1) * has_target).sum()
+                penalty = penalty + (target_emb.square().sum(-1) * has_target).sum()
             rows.append(has_target.sum(1))
         n_rows = n_rows.clamp(min=1)
         base = total / n_rows + (0.5 * weight_decay * penalty / n_rows if weight_decay else 0.0)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcekd.backbones.base import Step, sample_negatives
-from rcekd.backbones.sequence import Groups, SequenceBackbone, SequenceBatch
+from rcekd.backbones.sequence import Groups, SequenceBackbone, SequenceBatch, group_windows, lookup
 from rcekd.sparse import UserItems
 
 
@@ -102,21 +102,18 @@ class SASRec(SequenceBackbone):
     def grouped(self, seq: torch.Tensor, groups: Groups) -> list[torch.Tensor]:
         """seq [B, L] (left-padded; rows in group order) → the outputs [rows, window, D] of each group over
         its own last `window` positions."""
-        outs, start = [], 0
-        for rows, window in groups.sizes:
-            outs.append(self._run(seq[start : start + rows, seq.shape[1] - window :]))
-            start += rows
-        return outs
+        windows = group_windows(seq, groups)
+        return [self._run(window, emb) for window, emb in zip(windows, lookup(self.item_emb, windows))]
 
-    def _run(self, seq: torch.Tensor) -> torch.Tensor:
-        """seq [B, L] → outputs [B, L, D] (zero at padding)."""
+    def _run(self, seq: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """seq [B, L] and its item embeddings emb [B, L, D] → outputs [B, L, D] (zero at padding)."""
         length = seq.shape[1]
         real = seq != self.n_items
         first = length - real.sum(1, keepdim=True)  # index of each user's first real item
         positions = (torch.arange(length, device=seq.device) - first).clamp(min=0)
         scale = math.sqrt(self.item_emb.embedding_dim)
         keep = real[..., None].to(self.item_emb.weight.dtype)
-        x = self.emb_dropout(self.item_emb(seq) * scale + self.pos_emb(positions)) * keep
+        x = self.emb_dropout(emb * scale + self.pos_emb(positions)) * keep
         mask = causal_padding_mask(real)
         for block in self.blocks:
             x = block(x, mask, keep)
@@ -144,16 +141,15 @@ class SASRec(SequenceBackbone):
         users, negatives, groups = batch
         seq, outs, last = self.last_outputs(users, groups)
         negatives = negatives[groups.order]  # rows in group order, as seq
-        table = self.item_emb.weight
+        windows = group_windows(seq, groups)
+        targets = [group_seq[:, 1:] for group_seq in windows]
+        group_negs = [group_neg[:, 1:] for group_neg in group_windows(negatives, groups)]
+        vecs = lookup(lambda ids: self.item_emb.weight[ids], targets + group_negs)  # as one gather
         total = penalty = n_rows = 0
-        rows, start = [], 0
-        for (size, window), out in zip(groups.sizes, outs):  # out [b, w, D]
-            group_seq = seq[start : start + size, self.max_len - window :]
-            group_neg = negatives[start : start + size, self.max_len - window + 1 :]
-            start += size
-            inputs, targets = out[:, :-1], group_seq[:, 1:]
+        rows = []
+        for group_seq, out, pos_vecs, neg_vecs in zip(windows, outs, vecs[: len(windows)], vecs[len(windows) :]):
+            inputs = out[:, :-1]  # out [b, w, D]
             has_target = group_seq[:, :-1] != self.n_items  # left padding: a real input is followed by a real item
-            pos_vecs, neg_vecs = table[targets], table[group_neg]
             pos = (inputs * pos_vecs).sum(-1)
             neg = (inputs * neg_vecs).sum(-1)
             nll = -F.logsigmoid(pos) - F.logsigmoid(-neg)  # [b, w-1]

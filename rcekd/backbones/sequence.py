@@ -10,7 +10,7 @@ without its padding (CiteULike's windows average 16 of 100 positions).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -61,6 +61,22 @@ def length_groups(lengths: torch.Tensor, batch_size: int, max_len: int) -> list[
         sizes = tuple((counts[i], max(longest[i], 1)) for i in bins if counts[i])
         out.append(Groups(order[lo : lo + batch_size] - lo, inverse[lo : lo + batch_size] - lo, sizes))
     return out
+
+
+def group_windows(seq: torch.Tensor, groups: Groups) -> list[torch.Tensor]:
+    """Each group's rows of `seq` [B, L] (rows in group order) over the group's own last `window` positions."""
+    parts, start = [], 0
+    for rows, window in groups.sizes:
+        parts.append(seq[start : start + rows, seq.shape[1] - window :])
+        start += rows
+    return parts
+
+
+def lookup(embed: Callable[[torch.Tensor], torch.Tensor], parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """embed(part) [..., D] of every part, as one call: one table-sized gradient per batch in the backward
+    pass instead of one per part (it was most of a CPU step: benchmarks/README.md, hstu_epoch)."""
+    flat = embed(torch.cat([part.reshape(-1) for part in parts]))
+    return [rows.view(*part.shape, -1) for rows, part in zip(flat.split([part.numel() for part in parts]), parts)]
 
 
 class SequenceBatch(NamedTuple):
