@@ -48,6 +48,11 @@ def test_a_record_of_other_students_sets_each_methods_student_weight_decay(name:
     missing = [m for m in methods if "student_weight_decay" in KD[m] and f"kd.{m}.student_weight_decay" not in settings]
     assert not missing, (f"records.{name} trains {students} students but keeps the MF-tuned student_weight_decay of "
                          f"kd.{', kd.'.join(missing)}: set each to the student backbone's own")
+    (student,) = students
+    own = settings.get(f"backbones.{student}.student.weight_decay", PARAMS["backbones"][student]["student"]["weight_decay"])
+    other = {m: settings[f"kd.{m}.student_weight_decay"] for m in methods if f"kd.{m}.student_weight_decay" in settings
+             and settings[f"kd.{m}.student_weight_decay"] != own}
+    assert not other, f"records.{name}: {other} differ from the {student} student's own weight decay {own}"
 
 
 SPACES = PARAMS["tuning"]["spaces"]
