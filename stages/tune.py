@@ -109,7 +109,7 @@ def run_recording(jobs: int, method: str, queued: dict[str, dict], rows: list[di
 
     def land(name: str, rev: str) -> None:
         nonlocal left
-        rows.append(trial_row(name, queued[name], list(csv.DictReader(shown(rev, history).splitlines())), metric, rev[:10]))
+        rows.append(trial_row(name, queued[name], history_at(rev, history), metric, rev[:10]))
         write_rows(out, rows)
         left -= 1
         log(f"tune {method}: {name} {metric} {rows[-1][metric]:.5f}; {left} to go (in {out})")
@@ -123,6 +123,11 @@ def run_recording(jobs: int, method: str, queued: dict[str, dict], rows: list[di
 def shown(rev: str, path: str) -> str:
     """A file of an experiment's commit."""
     return subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
+
+
+def history_at(rev: str, path: str) -> list[dict]:
+    """The rows of a history.csv in an experiment's commit."""
+    return list(csv.DictReader(shown(rev, path).splitlines()))
 
 
 def adopt(space_name: str, space: dict, chosen: list[dict], rows: list[dict], history: str, metric: str) -> list[dict]:
@@ -142,7 +147,7 @@ def adopt(space_name: str, space: dict, chosen: list[dict], rows: list[dict], hi
                 continue
         except ParamsError:
             continue
-        found.append(trial_row(name, values, list(csv.DictReader(shown(rev, history).splitlines())), metric, rev[:10]))
+        found.append(trial_row(name, values, history_at(rev, history), metric, rev[:10]))
         done.add(trial_key(values, space))
     return found
 
