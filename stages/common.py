@@ -50,6 +50,7 @@ class ModelSpec:
     weight_decay: float
     batch_size: int | None  # overrides train.batch_size (HSTU counts sequences, not pairs)
     lr: float | None = None  # overrides train.lr for this role's runs (a student alone tuned apart)
+    patience: int | None = None  # overrides train.patience (a teacher whose validation dips early on)
 
 
 def model_spec(all_params: dict, backbone: str, role: str, params: Path) -> ModelSpec:
@@ -58,20 +59,21 @@ def model_spec(all_params: dict, backbone: str, role: str, params: Path) -> Mode
         raise ParamsError(f"backbone {backbone!r}; expected one of {sorted(BACKBONES)}")
     where = f"backbones.{backbone}.{role}"
     values = dict(section(all_params, where, params) or {})
-    unknown = sorted(set(values) - {"model", "weight_decay", "batch_size", "lr"})
+    unknown = sorted(set(values) - {"model", "weight_decay", "batch_size", "lr", "patience"})
     if unknown:
-        raise ParamsError(f"{params}: unknown parameter(s) {', '.join(f'{where}.{k}' for k in unknown)} (valid: model, weight_decay, batch_size, lr)")
+        raise ParamsError(f"{params}: unknown parameter(s) {', '.join(f'{where}.{k}' for k in unknown)} (valid: model, weight_decay, batch_size, lr, patience)")
     model = kwargs_for(BACKBONES[backbone].__init__, values.get("model"), f"{where}.model", skip=("n_users", "n_items"))
     decay = values.get("weight_decay", 0.0)
     if not isinstance(decay, (int, float)) or isinstance(decay, bool) or decay < 0:
         raise ParamsError(f"{params}: {where}.weight_decay = {decay!r}; expected a number >= 0")
-    batch = values.get("batch_size")
-    if batch is not None and (not isinstance(batch, int) or batch < 1):
-        raise ParamsError(f"{params}: {where}.batch_size = {batch!r}; expected an integer >= 1")
+    batch, patience = values.get("batch_size"), values.get("patience")
+    for key, value in (("batch_size", batch), ("patience", patience)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ParamsError(f"{params}: {where}.{key} = {value!r}; expected an integer >= 1 (or leave it out: train.{key})")
     lr = values.get("lr")
     if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0):
         raise ParamsError(f"{params}: {where}.lr = {lr!r}; expected a number > 0 (or leave it out: train.lr)")
-    return ModelSpec(backbone, role, model, float(decay), batch, None if lr is None else float(lr))
+    return ModelSpec(backbone, role, model, float(decay), batch, None if lr is None else float(lr), patience)
 
 
 def build_model(spec: ModelSpec, splits: Splits, *, seed: int) -> tuple[torch.nn.Module, dict]:
@@ -140,6 +142,8 @@ def training_options(all_params: dict, spec: ModelSpec, params: Path, *, seed: i
         train["batch_size"] = spec.batch_size
     if spec.lr is not None:
         train["lr"] = spec.lr
+    if spec.patience is not None:
+        train["patience"] = spec.patience
     if seed is None:
         seed = section(all_params, "seed", params)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:

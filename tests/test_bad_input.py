@@ -51,6 +51,7 @@ BAD_PARAMS = [
     ("kd.ce.weight", -1, r"kd.ce.weight = -1; expected a number >= 0"),
     ("kd.ce.kk", 5, r"unknown parameter kd.ce.kk; did you mean 'k'\?"),
     ("kd.ce.k", 10**6, r"kd.ce.k = 1000000 exceeds the \d+ items"),
+    ("backbones.mf.student.patience", 0, r"backbones.mf.student.patience = 0; expected an integer >= 1 \(or leave it out: train.patience\)"),
     ("backbones.mf.student.model.dimm", 8, r"unknown parameter backbones.mf.student.model.dimm; did you mean 'dim'\?"),
     ("diagnostics.users", -5, r"diagnostics.users = -5; expected an integer >= 1"),
     ("split.mode", "random", r"split.mode = 'random'; expected chronological, holdout or leave_one_out"),

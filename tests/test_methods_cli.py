@@ -94,3 +94,22 @@ def test_a_run_takes_its_own_learning_rate_and_weight_decay(workspace: Path, tmp
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = CliRunner().invoke(app, ["distill", "--method", "ce", "--student", "mf", "--cache", str(workspace / "cache"), *common])
     assert result.exit_code == 2 and "kd.ce.lr = 0" in result.output
+
+
+def test_a_role_takes_its_own_patience(workspace: Path, tmp_path: Path, monkeypatch) -> None:
+    """backbones.<B>.<role>.patience sets that role's early stopping (the HSTU teacher's: its validation
+    dips for tens of epochs early on) over train.patience, and only that role's."""
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["backbones"]["mf"]["teacher"]["patience"] = params["train"]["patience"] + 7
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    seen = []
+
+    def fake_fit(*args, **kwargs):
+        seen.append(kwargs["patience"])
+        raise _Stop
+
+    monkeypatch.setattr("stages.train.fit", fake_fit)
+    common = ["--backbone", "mf", "--data", str(workspace / "data"), "--out", str(tmp_path / "c.pt"), "--history", str(tmp_path / "h.csv"), "--params", str(tmp_path / "params.yaml")]
+    for role in ("teacher", "student"):
+        assert isinstance(CliRunner().invoke(app, ["train", "--role", role, *common]).exception, _Stop)
+    assert seen == [params["train"]["patience"] + 7, params["train"]["patience"]]
