@@ -12,7 +12,8 @@ to the repository root:
 - `datasets FOLDER`: preprocessing's statistics, one row per <dataset>.json.
 - `tuning FOLDER`: the searches' CSVs (rcekd tune), one row per method: trials (and how many ran with
   `--direct`, on which device), the chosen values, best validation NDCG@20.
-`rcekd readme --check` (a test runs it) fails when README differs from what the files give.
+`rcekd readme` makes README.md's blocks and results/table1.md's (the paper's five settings beside its Table 1);
+`rcekd readme --check` (a test runs it) fails when either differs from what the files give.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def run_block(folder: Path) -> str:
             vs = _change(summary[ndcg]["mean"], alone[ndcg]["mean"]) if alone and key != "student" else ""
             lines.append(f"| {label} | {_cell(summary[recall])} | {_cell(summary[ndcg])} | {vs} | "
                          f"{theirs[recall] + ' / ' + theirs[ndcg] if theirs else ''} | {_epochs(folder, dataset, name, run_seeds, selected)} |")
-        lines.append("")
+        order = sorted(runs, key=lambda label: -runs[label][0][ndcg]["mean"])
+        lines += ["", f"By test NDCG@{k} (mean), best first: " + ", ".join(f"`{label}`" for label in order) + ".", ""]
         each, best = block.get("vs_each_baseline"), block.get("vs_best_baseline")
         if each:
             target = best["target"]
@@ -167,20 +169,22 @@ def render(text: str) -> str:
 
 
 def main(
-    readme: Path = typer.Option(Path("README.md"), help="The file whose generated blocks are made again."),
-    check: bool = typer.Option(False, help="Change nothing; fail with a diff when the file differs from what its sources give."),
+    readme: list[Path] = typer.Option([Path("README.md"), Path("results/table1.md")],
+                                      help="The files whose generated blocks are made again (repeat the option for several)."),
+    check: bool = typer.Option(False, help="Change nothing; fail with a diff when a file differs from what its sources give."),
 ) -> None:
-    """Make README's result tables again from the committed results (blocks `<!-- readme: KIND PATH -->`)."""
-    text = readme.read_text()
-    try:
-        new = render(text)
-    except (OSError, ValueError, KeyError) as err:
-        raise SystemExit(f"error: {readme}: a generated block's source is missing or malformed: {err}") from None
-    if check:
-        if new != text:
-            diff = "".join(difflib.unified_diff(text.splitlines(True), new.splitlines(True), str(readme), "generated"))
-            raise SystemExit(f"error: {readme} differs from its committed results (run `rcekd readme`):\n{diff}")
-        typer.echo(f"{readme}: every generated block matches its files")
-        return
-    readme.write_text(new)
-    typer.echo(f"{readme}: {len(BLOCK.findall(text))} generated blocks written")
+    """Make README's result tables (and results/table1.md's) again from the committed results (blocks `<!-- readme: KIND PATH -->`)."""
+    for path in readme:
+        text = path.read_text()
+        try:
+            new = render(text)
+        except (OSError, ValueError, KeyError) as err:
+            raise SystemExit(f"error: {path}: a generated block's source is missing or malformed: {err}") from None
+        if check:
+            if new != text:
+                diff = "".join(difflib.unified_diff(text.splitlines(True), new.splitlines(True), str(path), "generated"))
+                raise SystemExit(f"error: {path} differs from its committed results (run `rcekd readme`):\n{diff}")
+            typer.echo(f"{path}: every generated block matches its files")
+            continue
+        path.write_text(new)
+        typer.echo(f"{path}: {len(BLOCK.findall(text))} generated blocks written")

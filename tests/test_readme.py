@@ -27,12 +27,13 @@ def committed(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_readme_is_what_its_committed_files_give(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", ["README.md", "results/table1.md"])
+def test_readme_is_what_its_committed_files_give(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = committed(tmp_path)
     monkeypatch.chdir(root)
-    text = (root / "README.md").read_text()
-    assert "<!-- readme: run " in text  # at least the default pipeline's table is generated
-    assert render(text) == text, "README.md differs from its committed results: run `rcekd readme`"
+    text = (root / name).read_text()
+    assert "<!-- readme: run " in text  # at least one pipeline's table is generated
+    assert render(text) == text, f"{name} differs from its committed results: run `rcekd readme`"
 
 
 def test_a_changed_metric_changes_the_generated_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,6 +53,7 @@ def test_a_changed_metric_changes_the_generated_table(tmp_path: Path, monkeypatc
     path.write_text(json.dumps(report))
     second = render(first)
     assert "| rcekd | " in second and "| 0.5000 |" in second and second != first
+    assert "best first: `teacher (mf)`, `rcekd`" in first and "best first: `rcekd`, `teacher (mf)`" in second  # the stated order follows
 
 
 def test_a_sequential_record_is_shown_at_10_beside_table_12_with_its_direct_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
