@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import difflib
 import re
+import statistics
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -61,6 +62,17 @@ def _epochs(folder: Path, dataset: str, name: str, seeds: list[int | None], metr
     return f"{best:.0f} / {run:.0f}"
 
 
+def training_hours(folder: Path, dataset: str, runs: list[tuple[str, list[int | None]]]) -> float:
+    """The runs' training time in hours: each history's epochs × its median seconds per epoch (a paused
+    epoch, SIGSTOP or a suspended machine, would inflate a plain sum)."""
+    seconds = 0.0
+    for name, seeds in runs:
+        for seed in seeds:
+            history = list(csv.DictReader((run_path(folder / "artifacts" / dataset, name, seed) / "history.csv").open()))
+            seconds += len(history) * statistics.median(float(row["epoch_seconds"]) for row in history)
+    return seconds / 3600
+
+
 def run_block(folder: Path) -> str:
     """The tables of one pipeline's report (results.json), as described in the module's docstring."""
     params = yaml.safe_load((folder / "params.yaml").read_text())
@@ -90,7 +102,9 @@ def run_block(folder: Path) -> str:
             lines.append(f"| {label} | {_cell(summary[recall])} | {_cell(summary[ndcg])} | {vs} | "
                          f"{theirs[recall] + ' / ' + theirs[ndcg] if theirs else ''} | {_epochs(folder, dataset, name, run_seeds, selected)} |")
         order = sorted(runs, key=lambda label: -runs[label][0][ndcg]["mean"])
-        lines += ["", f"By test NDCG@{k} (mean), best first: " + ", ".join(f"`{label}`" for label in order) + ".", ""]
+        hours = training_hours(folder, dataset, [(name, run_seeds) for _, name, run_seeds in runs.values()])
+        lines += ["", f"By test NDCG@{k} (mean), best first: " + ", ".join(f"`{label}`" for label in order) + ". "
+                  f"Training these runs took {hours:.1f} h here, summed over the runs (each one its epochs × its median seconds per epoch).", ""]
         each, best = block.get("vs_each_baseline"), block.get("vs_best_baseline")
         if each:
             target = best["target"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.readme import render, tuning_block
+from stages.readme import render, training_hours, tuning_block
 from tests.dvc_repo import ROOT
 
 
@@ -102,3 +102,13 @@ def test_an_unknown_block_is_an_error_naming_it() -> None:
 
 def test_the_datasets_copies_are_what_preprocessing_wrote() -> None:
     assert (ROOT / "results/datasets/citeulike.json").read_text() == (ROOT / "artifacts/metrics/citeulike/data.json").read_text()
+
+
+def test_the_hours_are_epochs_times_the_median_epoch_so_a_pause_does_not_count(tmp_path: Path) -> None:
+    for name, seconds in (("teacher_mf", [1800.0, 1800.0, 9e6]), ("mf_to_mf/rcekd/seed_0", [900.0, 900.0])):
+        folder = tmp_path / "artifacts/citeulike" / name
+        folder.mkdir(parents=True)
+        rows = "".join(f"{epoch},{value}\n" for epoch, value in enumerate(seconds, 1))
+        (folder / "history.csv").write_text("epoch,epoch_seconds\n" + rows)
+    hours = training_hours(tmp_path, "citeulike", [("teacher_mf", [None]), ("mf_to_mf/rcekd", [0])])
+    assert hours == pytest.approx(3 * 0.5 + 2 * 0.25)  # the 9e6-second epoch (a pause) counts as a median one
