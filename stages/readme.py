@@ -52,12 +52,14 @@ def _p(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2g}"
 
 
+def _history(folder: Path, dataset: str, name: str, seed: int | None) -> list[dict[str, str]]:
+    """A run's history.csv rows (artifacts/<dataset>/<name>[/seed_<n>] below `folder`)."""
+    return list(csv.DictReader((run_path(folder / "artifacts" / dataset, name, seed) / "history.csv").open()))
+
+
 def _epochs(folder: Path, dataset: str, name: str, seeds: list[int | None], metric: str) -> str:
     """Best epoch / epochs run, from the runs' histories (the mean over seeds when there are several)."""
-    found = []
-    for seed in seeds:
-        history = run_path(folder / "artifacts" / dataset, name, seed) / "history.csv"
-        found.append(best_of(list(csv.DictReader(history.open())), metric)[1:])  # (best epoch, epochs run)
+    found = [best_of(_history(folder, dataset, name, seed), metric)[1:] for seed in seeds]  # (best epoch, epochs run)
     best, run = (sum(column) / len(found) for column in zip(*found))
     return f"{best:.0f} / {run:.0f}"
 
@@ -68,7 +70,7 @@ def training_hours(folder: Path, dataset: str, runs: list[tuple[str, list[int | 
     seconds = 0.0
     for name, seeds in runs:
         for seed in seeds:
-            history = list(csv.DictReader((run_path(folder / "artifacts" / dataset, name, seed) / "history.csv").open()))
+            history = _history(folder, dataset, name, seed)
             seconds += len(history) * statistics.median(float(row["epoch_seconds"]) for row in history)
     return seconds / 3600
 
