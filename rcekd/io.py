@@ -27,8 +27,9 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     _remove(tmp)
     try:
         yield tmp
-        _remove(final)
-        os.replace(tmp, final)
+        if final.is_dir() and not final.is_symlink():  # os.replace cannot put a directory over a directory
+            _remove(final)
+        os.replace(tmp, final)  # over a file: atomic, so a stop here leaves the old file or the new one
     finally:
         _remove(tmp)
 

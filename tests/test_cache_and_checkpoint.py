@@ -15,7 +15,7 @@ from rcekd.backbones import MF
 from rcekd.cache import STORES, TeacherCache, write_cache
 from rcekd.checkpoint import load_checkpoint, save_checkpoint
 from rcekd.data import Splits
-from rcekd.io import read_json, write_json
+from rcekd.io import atomic_path, read_json, write_json
 from rcekd.sparse import UserItems
 from rcekd.train import bpr_loss, sample_negatives
 
@@ -355,3 +355,24 @@ def test_resident_cache_reads_like_the_file(cache_dir, splits, tmp_path, store):
         assert torch.equal(resident.topk(k, exclude=train)[0], streamed.topk(k, exclude=train)[0])
     resident.rows(0, 2).fill_(float("nan"))
     assert torch.equal(resident.rows(0, N_USERS), streamed.rows(0, N_USERS))
+
+
+def test_a_stop_while_a_file_is_replaced_keeps_the_old_file(tmp_path, monkeypatch):
+    """A stop (SIGTERM raises SystemExit) at the rename keeps the file it was replacing: a resume state of
+    hundreds of MB is not lost to a kill that lands as its new version is moved into place."""
+    final = tmp_path / "state.resume"
+    final.write_bytes(b"old")
+
+    def stopped(*args):
+        raise SystemExit("terminated")
+
+    monkeypatch.setattr(os, "replace", stopped)
+    with pytest.raises(SystemExit):
+        with atomic_path(final) as tmp:
+            tmp.write_bytes(b"new")
+    assert final.read_bytes() == b"old"
+    assert list(tmp_path.iterdir()) == [final]  # and no partial file beside it
+    monkeypatch.undo()
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(b"new")
+    assert final.read_bytes() == b"new"
