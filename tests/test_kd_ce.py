@@ -10,7 +10,7 @@ import torch
 from rcekd.backbones import MF
 from rcekd.cache import TeacherCache, write_cache
 from rcekd.data import Splits
-from rcekd.kd import KDContext
+from rcekd.kd import KDContext, common
 from rcekd.kd.ce import VanillaCE
 from rcekd.kd.common import pair_scores, soft_ce
 from rcekd.sparse import UserItems
@@ -146,9 +146,13 @@ def test_pair_scores_is_a_per_row_dot_product():
 
 
 
-def test_pair_scores_backward_is_autograds_bit_for_bit():
+@pytest.mark.parametrize("block_elements", [None, 6 * 40 * 2, 1])  # one block; blocks of 2 users; one user each
+def test_pair_scores_backward_is_autograds_bit_for_bit(monkeypatch, block_elements):
     """The hand-written backward gives exactly autograd's gradients of einsum over item_table[items],
-    with repeated items (accumulated in the same order) and a non-leaf item table (LightGCN's)."""
+    with repeated items (accumulated in the same order) and a non-leaf item table (LightGCN's), in one
+    block of users or in several (a wide table's)."""
+    if block_elements is not None:
+        monkeypatch.setattr(common, "CHUNK_ELEMENTS", block_elements)
     gen = torch.Generator().manual_seed(11)
     base = torch.randn(30, 6, generator=gen, requires_grad=True)
     users = torch.randn(9, 6, generator=gen, requires_grad=True)

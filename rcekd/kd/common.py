@@ -85,31 +85,54 @@ def pair_scores(user_vecs: torch.Tensor, item_table: torch.Tensor, items: torch.
     return _PairScores.apply(user_vecs, item_table, items)
 
 
+CHUNK_ELEMENTS = 1 << 21  # gathered item rows per block of users in pair_scores (8 MB of float32)
+
+
+def user_blocks(items: torch.Tensor, width: int) -> list[slice]:
+    """Blocks of `items`' rows [B, N] whose gathered rows [b, N, width] hold at most CHUNK_ELEMENTS
+    values each (one block for the narrow tables of score-level methods)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, items.shape[1] * width))
+    return [slice(start, start + step) for start in range(0, len(items), step)]
+
+
 class _PairScores(torch.autograd.Function):
     """einsum("bd,bnd->bn", user_vecs, item_table[items]) with a hand-written backward: the same
     numbers, bit for bit (tested), at about half the cost of autograd's per step on CPU, whose
-    backward of `item_table[items]` is a sort-based index_put under deterministic algorithms."""
+    backward of `item_table[items]` is a sort-based index_put under deterministic algorithms.
+    Wide tables (MKD's projector hidden units, 550–1050 wide) run in blocks of users, gathering
+    each block's rows again in the backward rather than holding [B, N, D] (benchmarks/experts.py);
+    the blocks keep the per-row order of every sum, so the numbers do not depend on them (tested)."""
 
     @staticmethod
     def forward(ctx, user_vecs: torch.Tensor, item_table: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        rows = item_table.index_select(0, items.reshape(-1)).view(*items.shape, item_table.shape[1])  # [B, N, D]
-        ctx.save_for_backward(user_vecs, rows, items)
-        ctx.n_items = item_table.shape[0]
-        return torch.einsum("bd,bnd->bn", user_vecs, rows)
+        ctx.save_for_backward(user_vecs, item_table, items)
+        out = user_vecs.new_empty(items.shape)
+        for block in user_blocks(items, item_table.shape[1]):
+            out[block] = torch.einsum("bd,bnd->bn", user_vecs[block], _rows(item_table, items[block]))
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        user_vecs, rows, items = ctx.saved_tensors
-        grad_users = torch.bmm(grad[:, None, :], rows).squeeze(1) if ctx.needs_input_grad[0] else None
-        grad_table = None
-        if ctx.needs_input_grad[1]:
-            per_pair = (grad[:, :, None] * user_vecs[:, None, :]).reshape(-1, user_vecs.shape[1])
-            grad_table = torch.zeros(ctx.n_items, user_vecs.shape[1], dtype=grad.dtype, device=grad.device)
-            if grad.is_cuda:  # index_add_ is atomic (order-dependent) on CUDA; this path is deterministic
-                grad_table.index_put_((items.reshape(-1),), per_pair, accumulate=True)
-            else:  # sequential on CPU, in the same order as autograd's own backward
-                grad_table.index_add_(0, items.reshape(-1), per_pair)
+        user_vecs, item_table, items = ctx.saved_tensors
+        want_users, want_table = ctx.needs_input_grad[:2]
+        grad_users = torch.empty_like(user_vecs) if want_users else None
+        grad_table = torch.zeros_like(item_table) if want_table else None
+        for block in user_blocks(items, item_table.shape[1]):
+            if want_users:
+                grad_users[block] = torch.bmm(grad[block, None, :], _rows(item_table, items[block])).squeeze(1)
+            if want_table:
+                per_pair = (grad[block, :, None] * user_vecs[block, None, :]).reshape(-1, user_vecs.shape[1])
+                flat = items[block].reshape(-1)
+                if grad.is_cuda:  # index_add_ is atomic (order-dependent) on CUDA; this path is deterministic
+                    grad_table.index_put_((flat,), per_pair, accumulate=True)
+                else:  # sequential on CPU, in the same order as autograd's own backward
+                    grad_table.index_add_(0, flat, per_pair)
         return grad_users, grad_table, None
+
+
+def _rows(item_table: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """item_table[items] [b, N, D], gathered by index_select."""
+    return item_table.index_select(0, items.reshape(-1)).view(*items.shape, item_table.shape[1])
 
 
 @torch.no_grad()
