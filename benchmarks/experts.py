@@ -4,9 +4,12 @@ forward + backward of one training step's projector work, each computed two ways
 1. Experts (DE: 30, MKD: 5; d_S 20 → (d_S + d_T) / 2 → d_T) over a batch's entities: one expert at a
    time, as their definition reads, against `mixture_of_experts` (the experts side by side, two matrix
    products).
-2. MKD's CPD over the item table: g's d_T-wide output for every item, against g's hidden units only
-   (f(u)·g(i) = (Wᵀf(u) · h_i + b·f(u)) / M, as rcekd/kd/mkd.py computes it).
-Both pairs compute the same numbers (checked here); the figures are medians of --repeats runs.
+2. MKD's CPD2 over the teacher's top-N items of a batch's users (every user's top-N drawn with a
+   popularity skew, so that items repeat as a teacher's do): (a) g's d_T-wide output for every item,
+   then the dot products; (b) g's hidden units only (f(u)·g(i) = (Wᵀf(u) · h_i + b·f(u)) / M) for
+   every item, their [B, N, M·h] rows gathered at once; (c) as rcekd/kd/mkd.py computes it: the hidden
+   units of the items in some user's top-N only, `pair_scores` gathering them in blocks of users.
+All forms of a pair compute the same numbers (checked here); the figures are medians of --repeats runs.
 
 Usage: python benchmarks/experts.py [--teacher-dim 400] [--repeats 5]
 """
@@ -19,7 +22,8 @@ import time
 
 import torch
 
-from rcekd.kd.common import mixture_of_experts
+from rcekd.kd import common
+from rcekd.kd.common import mixture_of_experts, pair_scores
 from rcekd.kd.de import Experts
 from rcekd.kd.mkd import Projector
 
@@ -58,22 +62,34 @@ def main() -> None:
 
     f, g = Projector(D_S, d_t, 5), Projector(D_S, d_t, 5)
     users, table = torch.randn(BATCH_USERS, D_S), torch.randn(ITEMS, D_S)
-    top = torch.randint(ITEMS, (BATCH_USERS, TOP_N))
+    popularity = torch.arange(1, ITEMS + 1, dtype=torch.float32) ** -1.3  # ~14k distinct, as the MF teacher's 14,742
+    every_top = torch.multinomial(popularity.expand(USERS, -1), TOP_N)  # [U, N], distinct per user
+    top_items, top_at = torch.unique(every_top, return_inverse=True)
+    top = every_top[:BATCH_USERS]  # [B, N]
 
     def full_output() -> torch.Tensor:  # g on every item, then the dot products
         return torch.einsum("bd,bnd->bn", f(users), g(table)[top])
 
-    def hidden_only() -> torch.Tensor:  # rcekd/kd/mkd.py's form
+    def hidden_units(read_only: bool) -> torch.Tensor:
         weight, bias = g.output_layer()
         f_u = f(users)
-        a, c, h = f_u @ weight, f_u @ bias, g.hidden(table)
-        return (torch.einsum("bd,bnd->bn", a, h[top]) + c[:, None]) / len(g.experts)
+        a, c = f_u @ weight, f_u @ bias
+        if read_only:  # rcekd/kd/mkd.py's form
+            return (pair_scores(a, g.hidden(table[top_items]), top_at[:BATCH_USERS]) + c[:, None]) / len(g.experts)
+        return (torch.einsum("bd,bnd->bn", a, g.hidden(table)[top]) + c[:, None]) / len(g.experts)
 
-    torch.testing.assert_close(full_output(), hidden_only(), rtol=1e-4, atol=1e-5)
-    slow, fast = (seconds(lambda s=s: s().square().sum().backward(), args.repeats) for s in (full_output, hidden_only))
-    print(f"MKD CPD2 over {ITEMS} items, top-{TOP_N} of {BATCH_USERS} users: g's output {slow:.3f} s, "
-          f"g's hidden units {fast:.3f} s per step ({slow / fast:.1f}x)")
-
+    forms = {"g's output, every item": full_output, "hidden units, every item": lambda: hidden_units(False),
+             "hidden units of the top-N items, in blocks": lambda: hidden_units(True)}
+    reference = full_output()
+    times = {}
+    for name, form in forms.items():
+        torch.testing.assert_close(form(), reference, rtol=1e-4, atol=1e-5)
+        times[name] = seconds(lambda s=form: s().square().sum().backward(), args.repeats)
+    fast = times["hidden units of the top-N items, in blocks"]
+    print(f"MKD CPD2, top-{TOP_N} of {BATCH_USERS} users ({len(top_items)} items in some user's top-{TOP_N}, of {ITEMS}), "
+          f"blocks of {common.CHUNK_ELEMENTS} gathered values:")
+    for name, value in times.items():
+        print(f"  {name}: {value:.3f} s per step ({value / fast:.1f}x the last)")
 
 if __name__ == "__main__":
     main()
