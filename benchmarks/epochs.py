@@ -24,6 +24,7 @@ per-epoch preparation and the training steps; validation excluded), as the repor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import statistics
@@ -150,14 +151,15 @@ def main() -> None:
     parser.add_argument("--stores", default="float32,float16,factors", help="cache stores to write; float32 is always first")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the in-process timings (median)")
-    parser.add_argument("--workdir", help="keep the artifacts here instead of a temporary directory")
+    parser.add_argument("--workdir", help="keep the artifacts in this folder (created if missing) instead of a temporary directory")
     options = parser.parse_args()
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw = raw_path(options.dataset, options.raw, base)
     stores = ["float32"] + [s for s in options.stores.split(",") if s and s != "float32"]
     methods = [m for m in options.methods.split(",") if m]
-    with tempfile.TemporaryDirectory(dir=options.workdir) as tmp:
+    with contextlib.nullcontext(options.workdir) if options.workdir else tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         params = write_params(work / "params.yaml", base, options.dataset, raw, epochs=options.epochs, device=options.device)
         teacher_params = write_params(work / "teacher.yaml", base, options.dataset, raw, epochs=options.teacher_epochs, device=options.device)
         common = ["--data", str(work / "data")]
