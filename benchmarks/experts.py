@@ -1,5 +1,5 @@
 """The projectors of the feature-level methods (MKD, DE, HTD), at CiteULike's sizes: seconds per
-forward + backward of one training step's projector work, each computed two ways in this run.
+forward + backward of one training step's projector work, each computed two or three ways in this run.
 
 1. Experts (DE: 30, MKD: 5; d_S 20 → (d_S + d_T) / 2 → d_T) over a batch's entities: one expert at a
    time, as their definition reads, against `mixture_of_experts` (the experts side by side, two matrix
@@ -9,7 +9,9 @@ forward + backward of one training step's projector work, each computed two ways
    then the dot products; (b) g's hidden units only (f(u)·g(i) = (Wᵀf(u) · h_i + b·f(u)) / M) for
    every item, their [B, N, M·h] rows gathered at once; (c) as rcekd/kd/mkd.py computes it: the hidden
    units of the items in some user's top-N only, `pair_scores` gathering them in blocks of users.
-All forms of a pair compute the same numbers (checked here); the figures are medians of --repeats runs.
+All forms of one item compute the same numbers (checked here); the figures are medians of --repeats runs.
+Deterministic algorithms stay off (training turns them on): autograd's backward of (a) and (b) is then
+its faster, non-deterministic one, so their ratios to (c) understate what training saves.
 
 Usage: python benchmarks/experts.py [--teacher-dim 400] [--repeats 5]
 """
@@ -70,11 +72,11 @@ def main() -> None:
     def full_output() -> torch.Tensor:  # g on every item, then the dot products
         return torch.einsum("bd,bnd->bn", f(users), g(table)[top])
 
-    def hidden_units(read_only: bool) -> torch.Tensor:
+    def hidden_units(top_items_only: bool) -> torch.Tensor:
         weight, bias = g.output_layer()
         f_u = f(users)
         a, c = f_u @ weight, f_u @ bias
-        if read_only:  # rcekd/kd/mkd.py's form
+        if top_items_only:  # rcekd/kd/mkd.py's form
             return (pair_scores(a, g.hidden(table[top_items]), top_at[:BATCH_USERS]) + c[:, None]) / len(g.experts)
         return (torch.einsum("bd,bnd->bn", a, g.hidden(table)[top]) + c[:, None]) / len(g.experts)
 
@@ -90,6 +92,7 @@ def main() -> None:
           f"blocks of {common.CHUNK_ELEMENTS} gathered values:")
     for name, value in times.items():
         print(f"  {name}: {value:.3f} s per step ({value / fast:.1f}x the last)")
+
 
 if __name__ == "__main__":
     main()

@@ -146,27 +146,46 @@ def test_pair_scores_is_a_per_row_dot_product():
 
 
 
-@pytest.mark.parametrize("block_elements", [None, 6 * 40 * 2, 1])  # one block; blocks of 2 users; one user each
-def test_pair_scores_backward_is_autograds_bit_for_bit(monkeypatch, block_elements):
+@pytest.mark.parametrize(("dim", "listed", "block_elements", "blocks"), [
+    (6, 40, None, 1), (6, 40, 6 * 40 * 2, 4), (6, 40, 1, 4),  # 9 users: one block; 2, 2, 2 and 3 users (twice)
+    (550, 50, None, 1), (550, 50, 550 * 50 * 2, 4), (550, 50, 550 * 50 * 3, 3),  # MKD's width, where a block of
+])                                                                               # one user would differ
+def test_pair_scores_backward_is_autograds_bit_for_bit(monkeypatch, dim, listed, block_elements, blocks):
     """The hand-written backward gives exactly autograd's gradients of einsum over item_table[items],
-    with repeated items (accumulated in the same order) and a non-leaf item table (LightGCN's), in one
-    block of users or in several (a wide table's)."""
+    with repeated items (accumulated in the same order) and a non-leaf item table (LightGCN's), under
+    deterministic algorithms as training runs, in one block of users or in several (a wide table's)."""
     if block_elements is not None:
         monkeypatch.setattr(common, "CHUNK_ELEMENTS", block_elements)
-    gen = torch.Generator().manual_seed(11)
-    base = torch.randn(30, 6, generator=gen, requires_grad=True)
-    users = torch.randn(9, 6, generator=gen, requires_grad=True)
-    items = torch.randint(30, (9, 40), generator=gen)  # many repeats
-    weights = torch.randn(9, 40, generator=gen)
-    grads = []
-    for fast in (False, True):
-        table = base * 1.5  # non-leaf
-        scores = pair_scores(users, table, items) if fast else torch.einsum("bd,bnd->bn", users, table[items])
-        (scores * weights).sum().backward()
-        grads.append((scores.detach(), base.grad.clone(), users.grad.clone()))
-        base.grad = users.grad = None
+    assert len(common.user_blocks(torch.zeros(9, listed), dim)) == blocks
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        gen = torch.Generator().manual_seed(11)
+        base = torch.randn(30, dim, generator=gen, requires_grad=True)
+        users = torch.randn(9, dim, generator=gen, requires_grad=True)
+        items = torch.randint(30, (9, listed), generator=gen)  # many repeats
+        weights = torch.randn(9, listed, generator=gen)
+        grads = []
+        for fast in (False, True):
+            table = base * 1.5  # non-leaf
+            scores = pair_scores(users, table, items) if fast else torch.einsum("bd,bnd->bn", users, table[items])
+            (scores * weights).sum().backward()
+            grads.append((scores.detach(), base.grad.clone(), users.grad.clone()))
+            base.grad = users.grad = None
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     for slow, fast in zip(*grads):
         assert torch.equal(slow, fast)
+
+
+def test_user_blocks_never_leave_a_user_alone(monkeypatch):
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 10)  # 2 users of 5 values each
+    blocks = lambda users: [(b.start, b.stop) for b in common.user_blocks(torch.zeros(users, 5, dtype=torch.long), 1)]  # noqa: E731
+    assert blocks(0) == [] and blocks(1) == [(0, 1)] and blocks(4) == [(0, 2), (2, 4)]
+    assert blocks(5) == [(0, 2), (2, 5)]  # the last user joins the block before it
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 1)  # narrower than one user: still two at a time
+    assert blocks(3) == [(0, 3)]
+
 
 def test_vanilla_ce_method(tmp_path):
     """VanillaCE: CE between teacher and student on the teacher's top-K non-training items (a real cache).

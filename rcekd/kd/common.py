@@ -85,23 +85,28 @@ def pair_scores(user_vecs: torch.Tensor, item_table: torch.Tensor, items: torch.
     return _PairScores.apply(user_vecs, item_table, items)
 
 
-CHUNK_ELEMENTS = 1 << 21  # gathered item rows per block of users in pair_scores (8 MB of float32)
+CHUNK_ELEMENTS = 1 << 21  # gathered values per block of users in pair_scores (8 MB of float32)
 
 
 def user_blocks(items: torch.Tensor, width: int) -> list[slice]:
-    """Blocks of `items`' rows [B, N] whose gathered rows [b, N, width] hold at most CHUNK_ELEMENTS
-    values each (one block for the narrow tables of score-level methods)."""
-    step = max(1, CHUNK_ELEMENTS // max(1, items.shape[1] * width))
-    return [slice(start, start + step) for start in range(0, len(items), step)]
+    """Blocks of `items`' rows [B, N] whose gathered rows [b, N, width] hold about CHUNK_ELEMENTS values
+    each, and never one user alone (a batch of one takes another matrix-product path on the CPU, whose
+    last bits differ): a lone last user joins the block before it."""
+    step = max(2, CHUNK_ELEMENTS // max(1, items.shape[1] * width))
+    starts = list(range(0, len(items), step))
+    if len(starts) > 1 and len(items) - starts[-1] == 1:
+        starts.pop()
+    return [slice(start, end) for start, end in zip(starts, starts[1:] + [len(items)])]
 
 
 class _PairScores(torch.autograd.Function):
     """einsum("bd,bnd->bn", user_vecs, item_table[items]) with a hand-written backward: the same
-    numbers, bit for bit (tested), at about half the cost of autograd's per step on CPU, whose
-    backward of `item_table[items]` is a sort-based index_put under deterministic algorithms.
-    Wide tables (MKD's projector hidden units, 550–1050 wide) run in blocks of users, gathering
-    each block's rows again in the backward rather than holding [B, N, D] (benchmarks/experts.py);
-    the blocks keep the per-row order of every sum, so the numbers do not depend on them (tested)."""
+    numbers, bit for bit on the CPU under deterministic algorithms (tested), and cheaper than
+    autograd's, whose backward of `item_table[items]` is a sort-based index_put there.
+    Users run in blocks (`user_blocks`): a wide table (MKD's projector hidden units, 550–1050 wide)
+    is gathered one block at a time, again in the backward, rather than held as [B, N, D]
+    (benchmarks/experts.py); score-level methods' tables (D = 20) take one or a few blocks. The blocks
+    keep the order of every sum, so on the CPU the numbers do not depend on them (tested)."""
 
     @staticmethod
     def forward(ctx, user_vecs: torch.Tensor, item_table: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
