@@ -28,8 +28,8 @@ from stages.common import RESUME_DIR, log
 STATES = ("Queued", "Running", "Success", "Failed")
 
 
-def queue_status(tries: int = 10) -> tuple[list[tuple[str, str]], int]:
-    """(name, state) of every task of `dvc queue status`, and how many workers are alive (active plus idle).
+def queue_status(tries: int = 10) -> tuple[list[tuple[str, str]], int, int]:
+    """(name, state) of every task of `dvc queue status`, and how many workers are active and idle.
     It can fail for a moment while another DVC process ends (seen once in CI, under load): it is asked again."""
     for _ in range(tries):
         done = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True)
@@ -41,15 +41,15 @@ def queue_status(tries: int = 10) -> tuple[list[tuple[str, str]], int]:
     lines = done.stdout.splitlines()
     tasks = [(line.split()[1], line.split()[-1]) for line in lines if len(line.split()) > 2 and line.split()[-1] in STATES]
     workers = re.search(r"Worker status: (\d+) active, (\d+) idle", "\n".join(lines))
-    return tasks, int(workers[1]) + int(workers[2]) if workers else 0
+    return tasks, int(workers[1]) if workers else 0, int(workers[2]) if workers else 0
 
 
 def queue_states() -> Counter:
-    """How many queued tasks are in each state (Queued, Running, Success, Failed), and how many workers
-    are alive (`workers`)."""
-    tasks, workers = queue_status()
+    """How many queued tasks are in each state (Queued, Running, Success, Failed), how many workers are
+    alive (`workers`) and how many of those are idle (`idle`)."""
+    tasks, active, idle = queue_status()
     counts = Counter(state for _, state in tasks)
-    counts["workers"] = workers
+    counts["workers"], counts["idle"] = active + idle, idle
     return counts
 
 
@@ -58,8 +58,8 @@ def drop_unfinished(prefix: str) -> list[str]:
     with no worker alive (a session or a run that ended), so that a run again does not run them beside its
     own (call after `settle`; nothing is touched while a worker lives). What had finished is kept: in the
     experiments and the run cache."""
-    tasks, workers = queue_status()
-    if workers:
+    tasks, active, idle = queue_status()
+    if active or idle:
         return []
     earlier = re.compile(re.escape(prefix) + r"-\d{4}-\d{6}-")
     dropped = {name: state for name, state in tasks if earlier.match(name) and state in ("Queued", "Running")}
@@ -80,9 +80,13 @@ def stamp() -> str:
 def settle(timeout: float = 300.0) -> None:
     """Wait until no queue worker is alive. A worker of an earlier round lingers a while after its last
     task and may take a task queued then and lose it as it exits (left `Running` for ever), so new
-    experiments are queued only once every worker is gone."""
-    waited = 0.0
-    while queue_states()["workers"] and waited < timeout:
+    experiments are queued only once every worker is gone. Workers that are all idle with nothing queued
+    are told to stop (`dvc queue stop`: they have no task to finish) instead of being waited out."""
+    waited, stopped = 0.0, False
+    while (states := queue_states())["workers"] and waited < timeout:
+        if not stopped and states["idle"] == states["workers"] and not states["Queued"]:
+            subprocess.run(["dvc", "queue", "stop"], capture_output=True, text=True)
+            stopped = True
         time.sleep(2)
         waited += 2
 

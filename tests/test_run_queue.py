@@ -16,12 +16,12 @@ d23a5b4  record-citeulike_mf-1205-003258-s0-cd     12:33 AM      Running
 2221e0a  record-citeulike_mf_ablations-1205-013000-s0-rcekd  01:30 AM  Queued
 c09274d  tune-sld-1204-205240-2                    Dec 04, 2026  Queued
 
-Worker status: {workers} active, 0 idle
+Worker status: {workers} active, {idle} idle
 """
 
 
-def fake_dvc(monkeypatch, workers: int, failures: int = 0) -> list[list[str]]:
-    """`subprocess.run` answering `dvc queue status` with STATUS (after `failures` failed calls); records every call."""
+def fake_dvc(monkeypatch, workers: int, failures: int = 0, idle: int = 0, status: str = STATUS) -> list[list[str]]:
+    """`subprocess.run` answering `dvc queue status` with `status` (after `failures` failed calls); records every call."""
     calls = []
 
     def run(args, **kwargs):
@@ -30,7 +30,7 @@ def fake_dvc(monkeypatch, workers: int, failures: int = 0) -> list[list[str]]:
             return subprocess.CompletedProcess(args, 0, stdout="", stderr="")
         if len(calls) <= failures:
             return subprocess.CompletedProcess(args, 255, stdout="", stderr="ERROR: unexpected error")
-        return subprocess.CompletedProcess(args, 0, stdout=STATUS.format(workers=workers), stderr="")
+        return subprocess.CompletedProcess(args, 0, stdout=status.format(workers=workers, idle=idle), stderr="")
 
     monkeypatch.setattr(run_queue.subprocess, "run", run)
     monkeypatch.setattr(run_queue.time, "sleep", lambda seconds: None)
@@ -52,9 +52,22 @@ def test_nothing_is_touched_while_a_worker_lives(monkeypatch) -> None:
 
 
 def test_the_states_are_counted_from_the_same_status(monkeypatch) -> None:
-    fake_dvc(monkeypatch, workers=2)
+    fake_dvc(monkeypatch, workers=2, idle=1)
     states = run_queue.queue_states()
-    assert (states["Queued"], states["Running"], states["Success"], states["workers"]) == (3, 1, 1, 2)
+    assert (states["Queued"], states["Running"], states["Success"], states["workers"], states["idle"]) == (3, 1, 1, 3, 1)
+
+
+def test_an_idle_worker_is_stopped_only_when_nothing_waits_for_it(monkeypatch) -> None:
+    """settle stops a lingering worker at once when it is idle and nothing is queued; a worker that is active,
+    or that has queued tasks to take, is waited for, never stopped."""
+    done = STATUS.split("\n")[0] + "\n5615ecb  tune-cd-1206-120000-1  12:33 AM  Success\n\nWorker status: {workers} active, {idle} idle\n"
+    calls = fake_dvc(monkeypatch, workers=0, idle=1, status=done)
+    run_queue.settle(timeout=10)
+    assert calls.count(["dvc", "queue", "stop"]) == 1
+    for workers, idle, status in ((1, 1, done), (0, 1, STATUS)):
+        calls = fake_dvc(monkeypatch, workers=workers, idle=idle, status=status)
+        run_queue.settle(timeout=10)
+        assert ["dvc", "queue", "stop"] not in calls and len(calls) == 6  # asked at 0, 2, ..., 10 s: waited out
 
 
 def test_a_failing_status_is_asked_again_then_reported(monkeypatch) -> None:
