@@ -106,9 +106,7 @@ class _PairScores(torch.autograd.Function):
     Users run in blocks (`user_blocks`): a wide table (MKD's projector hidden units, 550–1050 wide)
     is gathered one block at a time, again in the backward, rather than held as [B, N, D]
     (benchmarks/experts.py); score-level methods' tables (D = 20) take one or a few blocks. The blocks
-    keep the order of every sum, so on the CPU the numbers do not depend on them (tested), except the
-    users' gradient of a wide table in several blocks: its batched product may take another kernel for
-    another batch size and differ in the last bit on some CPUs (tests/test_kd_ce.py)."""
+    keep the order of every sum, so on the CPU the numbers do not depend on them (tested)."""
 
     @staticmethod
     def forward(ctx, user_vecs: torch.Tensor, item_table: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
