@@ -146,6 +146,27 @@ def run_all(jobs: int, what: str) -> None:
         raise SystemExit(f"error: the experiments of {what} did not all finish (above); `dvc queue status` lists them")
 
 
+def run_workers(jobs: int, env: dict, every: float = 60.0) -> int:
+    """`dvc exp run --run-all --jobs N`, keeping N workers while tasks are queued: a DVC worker may exit with
+    tasks still queued (treeverse/dvc#10562) while another works on, which would leave the rest of a search
+    to one worker; every `every` seconds the missing workers are started again (`dvc queue start`, which
+    starts only the numbered workers not alive). Its exit status."""
+    runner = subprocess.Popen(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], env=env)
+    while True:
+        try:
+            return runner.wait(timeout=every)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            states = queue_states()
+        except SystemExit:  # the status failing for a while: the run goes on, asked again next time
+            continue
+        if states["Queued"] and states["workers"] < jobs:
+            log(f"run-queue: {states['workers']} of {jobs} workers alive with {states['Queued']} experiments queued "
+                "(treeverse/dvc#10562); starting the missing ones")
+            subprocess.run(["dvc", "queue", "start", "--jobs", str(jobs)], env=env, capture_output=True, text=True)
+
+
 def main(
     jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="Queue workers (experiments at once)."),
     threads: int = typer.Option(0, min=0, help="torch threads per worker; 0 = the cores divided among the workers."),
@@ -163,9 +184,9 @@ def main(
     log(f"run-queue: {states['Queued']} queued experiments, {jobs} workers x {threads} threads" + (f", GPUs {gpus}" if gpus else ""))
     while states["Queued"]:
         queued = states["Queued"]
-        done = subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], env=env)
-        if done.returncode != 0:
-            raise SystemExit(f"error: `dvc exp run --run-all --jobs {jobs}` failed (exit {done.returncode}); see `dvc queue status`")
+        returncode = run_workers(jobs, env)
+        if returncode != 0:
+            raise SystemExit(f"error: `dvc exp run --run-all --jobs {jobs}` failed (exit {returncode}); see `dvc queue status`")
         states = queue_states()
         if states["Queued"]:
             if states["Queued"] >= queued:

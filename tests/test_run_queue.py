@@ -70,6 +70,30 @@ def test_an_idle_worker_is_stopped_only_when_nothing_waits_for_it(monkeypatch) -
         assert ["dvc", "queue", "stop"] not in calls and len(calls) == 6  # asked at 0, 2, ..., 10 s: waited out
 
 
+class FakeRunner:
+    """`dvc exp run --run-all` that runs for `polls` timeouts of its waits, then exits 0."""
+
+    def __init__(self, polls: int):
+        self.polls = polls
+
+    def wait(self, timeout: float) -> int:
+        if self.polls:
+            self.polls -= 1
+            raise subprocess.TimeoutExpired("dvc", timeout)
+        return 0
+
+
+@pytest.mark.parametrize(("workers", "idle", "restarts"), [(1, 0, 2), (1, 1, 0), (2, 0, 0)])
+def test_a_worker_gone_with_tasks_queued_is_started_again(monkeypatch, workers, idle, restarts) -> None:
+    """While the run goes on, the workers that exited with tasks queued are started again at each poll (here
+    1 of 2 alive: twice); never while all are alive, idle ones included."""
+    calls = fake_dvc(monkeypatch, workers=workers, idle=idle)
+    monkeypatch.setattr(run_queue.subprocess, "Popen", lambda args, env: calls.append(list(args)) or FakeRunner(polls=2))
+    assert run_queue.run_workers(2, env={}) == 0
+    assert calls[0] == ["dvc", "exp", "run", "--run-all", "--jobs", "2"]
+    assert calls.count(["dvc", "queue", "start", "--jobs", "2"]) == restarts
+
+
 def test_a_failing_status_is_asked_again_then_reported(monkeypatch) -> None:
     calls = fake_dvc(monkeypatch, workers=0, failures=2)
     assert run_queue.queue_states()["Queued"] == 3 and len(calls) == 3
@@ -84,12 +108,11 @@ def test_the_workers_keep_training_states_outside_the_experiments_copies(monkeyp
     envs = []
 
     def run(args, **kwargs):
-        if args[:3] == ["dvc", "exp", "run"]:
-            envs.append(kwargs["env"])
         queued = "" if envs else "5c9e89d  tune-sld-1204-205240-2  Dec 04, 2026  Queued\n"
         return subprocess.CompletedProcess(args, 0, stdout=queued + "Worker status: 0 active, 0 idle\n", stderr="")
 
     monkeypatch.setattr(run_queue.subprocess, "run", run)
+    monkeypatch.setattr(run_queue.subprocess, "Popen", lambda args, env: envs.append(env) or FakeRunner(polls=0))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RCEKD_RESUME_DIR", raising=False)
     run_queue.main(jobs=2, threads=1, gpus="")
