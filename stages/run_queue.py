@@ -149,9 +149,13 @@ def run_all(jobs: int, what: str) -> None:
 def run_workers(jobs: int, env: dict, every: float = 60.0) -> int:
     """`dvc exp run --run-all --jobs N`, keeping N workers while tasks are queued: a DVC worker may exit with
     tasks still queued (treeverse/dvc#10562) while another works on, which would leave the rest of a search
-    to one worker; every `every` seconds the missing workers are started again (`dvc queue start`, which
-    starts only the numbered workers not alive). Its exit status."""
+    to one worker; the missing workers are started again (`dvc queue start`, which starts only the numbered
+    workers that answer no ping). A worker counts as missing only when fewer tasks run than N while some
+    are queued, on two polls `every` seconds apart: the workers' count alone comes from pings, which a
+    busy worker can leave unanswered on a loaded machine (seen live: two more workers started beside two
+    alive), and a task that just ended leaves one slot empty for a moment. Its exit status."""
     runner = subprocess.Popen(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], env=env)
+    short = 0  # polls in a row that found a worker missing
     while True:
         try:
             return runner.wait(timeout=every)
@@ -161,10 +165,13 @@ def run_workers(jobs: int, env: dict, every: float = 60.0) -> int:
             states = queue_states()
         except SystemExit:  # the status failing for a while: the run goes on, asked again next time
             continue
-        if states["Queued"] and states["workers"] < jobs:
-            log(f"run-queue: {states['workers']} of {jobs} workers alive with {states['Queued']} experiments queued "
-                "(treeverse/dvc#10562); starting the missing ones")
+        missing = states["Queued"] and states["Running"] < jobs and states["workers"] < jobs
+        short = short + 1 if missing else 0
+        if short == 2:
+            log(f"run-queue: {states['Running']} of {jobs} workers running with {states['Queued']} experiments "
+                "queued (treeverse/dvc#10562); starting the missing ones")
             subprocess.run(["dvc", "queue", "start", "--jobs", str(jobs)], env=env, capture_output=True, text=True)
+            short = 0
 
 
 def main(

@@ -83,15 +83,33 @@ class FakeRunner:
         return 0
 
 
-@pytest.mark.parametrize(("workers", "idle", "restarts"), [(1, 0, 2), (1, 1, 0), (2, 0, 0)])
-def test_a_worker_gone_with_tasks_queued_is_started_again(monkeypatch, workers, idle, restarts) -> None:
-    """While the run goes on, the workers that exited with tasks queued are started again at each poll (here
-    1 of 2 alive: twice); never while all are alive, idle ones included."""
-    calls = fake_dvc(monkeypatch, workers=workers, idle=idle)
-    monkeypatch.setattr(run_queue.subprocess, "Popen", lambda args, env: calls.append(list(args)) or FakeRunner(polls=2))
+RUNNING_TWO = STATUS.replace("Queued\n", "Running\n", 1)  # tasks s0 and s1 running, two still queued
+
+
+@pytest.mark.parametrize(("status", "workers", "idle", "restarts"),
+                         [(STATUS, 1, 0, 2), (STATUS, 1, 1, 0), (STATUS, 2, 0, 0), (RUNNING_TWO, 0, 0, 0)])
+def test_a_worker_gone_with_tasks_queued_is_started_again(monkeypatch, status, workers, idle, restarts) -> None:
+    """While the run goes on, a worker that exited with tasks queued (1 of 2 alive, 1 task running) is started
+    again once two polls in a row found it missing (here 4 polls: twice); never while all are alive, idle
+    ones included, nor while as many tasks run as workers are wanted, whatever the pings say."""
+    calls = fake_dvc(monkeypatch, workers=workers, idle=idle, status=status)
+    monkeypatch.setattr(run_queue.subprocess, "Popen", lambda args, env: calls.append(list(args)) or FakeRunner(polls=4))
     assert run_queue.run_workers(2, env={}) == 0
     assert calls[0] == ["dvc", "exp", "run", "--run-all", "--jobs", "2"]
     assert calls.count(["dvc", "queue", "start", "--jobs", "2"]) == restarts
+
+
+def test_a_worker_missing_for_one_poll_only_is_not_started(monkeypatch) -> None:
+    """A slot left empty for one poll (a task just ended, the next not yet taken) starts nothing."""
+    polls = iter([STATUS, RUNNING_TWO, STATUS, RUNNING_TWO])
+    calls = fake_dvc(monkeypatch, workers=1)
+    fake = run_queue.subprocess.run
+    monkeypatch.setattr(run_queue.subprocess, "run", lambda args, **kw: (
+        subprocess.CompletedProcess(args, 0, stdout=next(polls).format(workers=1, idle=0), stderr="")
+        if args[:3] == ["dvc", "queue", "status"] else fake(args, **kw)))
+    monkeypatch.setattr(run_queue.subprocess, "Popen", lambda args, env: FakeRunner(polls=4))
+    assert run_queue.run_workers(2, env={}) == 0
+    assert ["dvc", "queue", "start", "--jobs", "2"] not in calls
 
 
 def test_a_failing_status_is_asked_again_then_reported(monkeypatch) -> None:
