@@ -23,7 +23,7 @@ run: setup
 	dvc repro
 
 test: setup
-	python -m pytest -q
+	python -m pytest -q -n auto --dist loadfile
 
 JOBS ?= 2
 
