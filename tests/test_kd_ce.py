@@ -151,7 +151,7 @@ def test_pair_scores_is_a_per_row_dot_product():
     (20, 50, 20 * 50 * 3, 3, True),  # score-level methods' width (20) in blocks of 3 users
     (550, 50, None, 1, True), (550, 50, 550 * 50 * 2, 4, False), (550, 50, 550 * 50 * 3, 3, False),  # MKD's width
 ])
-def test_pair_scores_backward_is_autograds_bit_for_bit(monkeypatch, dim, listed, block_elements, blocks, exact):
+def test_pair_scores_backward_matches_autograd(monkeypatch, dim, listed, block_elements, blocks, exact):
     """The hand-written backward gives exactly autograd's gradients of einsum over item_table[items],
     with repeated items (accumulated in the same order) and a non-leaf item table (LightGCN's), under
     deterministic algorithms as training runs, in one block of users, or in several at a narrow width.
