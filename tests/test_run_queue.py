@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 
 import pytest
@@ -20,9 +21,11 @@ Worker status: {workers} active, {idle} idle
 """
 
 
-def fake_dvc(monkeypatch, workers: int, failures: int = 0, idle: int = 0, status: str = STATUS) -> list[list[str]]:
-    """`subprocess.run` answering `dvc queue status` with `status` (after `failures` failed calls); records every call."""
+def fake_dvc(monkeypatch, workers: int, failures: int = 0, idle: int = 0, status: str | list[str] = STATUS) -> list[list[str]]:
+    """`subprocess.run` answering `dvc queue status` with `status` (after `failures` failed calls; a list: its
+    statuses in turn, round and round); records every call."""
     calls = []
+    statuses = itertools.cycle([status] if isinstance(status, str) else status)
 
     def run(args, **kwargs):
         calls.append(list(args))
@@ -30,7 +33,7 @@ def fake_dvc(monkeypatch, workers: int, failures: int = 0, idle: int = 0, status
             return subprocess.CompletedProcess(args, 0, stdout="", stderr="")
         if len(calls) <= failures:
             return subprocess.CompletedProcess(args, 255, stdout="", stderr="ERROR: unexpected error")
-        return subprocess.CompletedProcess(args, 0, stdout=status.format(workers=workers, idle=idle), stderr="")
+        return subprocess.CompletedProcess(args, 0, stdout=next(statuses).format(workers=workers, idle=idle), stderr="")
 
     monkeypatch.setattr(run_queue.subprocess, "run", run)
     monkeypatch.setattr(run_queue.time, "sleep", lambda seconds: None)
@@ -101,12 +104,7 @@ def test_a_worker_gone_with_tasks_queued_is_started_again(monkeypatch, status, w
 
 def test_a_worker_missing_for_one_poll_only_is_not_started(monkeypatch) -> None:
     """A slot left empty for one poll (a task just ended, the next not yet taken) starts nothing."""
-    polls = iter([STATUS, RUNNING_TWO, STATUS, RUNNING_TWO])
-    calls = fake_dvc(monkeypatch, workers=1)
-    fake = run_queue.subprocess.run
-    monkeypatch.setattr(run_queue.subprocess, "run", lambda args, **kw: (
-        subprocess.CompletedProcess(args, 0, stdout=next(polls).format(workers=1, idle=0), stderr="")
-        if args[:3] == ["dvc", "queue", "status"] else fake(args, **kw)))
+    calls = fake_dvc(monkeypatch, workers=1, status=[STATUS, RUNNING_TWO])
     monkeypatch.setattr(run_queue.subprocess, "Popen", lambda args, env: FakeRunner(polls=4))
     assert run_queue.run_workers(2, env={}) == 0
     assert ["dvc", "queue", "start", "--jobs", "2"] not in calls
