@@ -94,6 +94,25 @@ def test_topology_by_hand() -> None:
     np.testing.assert_allclose(float(topology(s, t, groups, 3, "first")), entity + first, rtol=1e-5)
 
 
+def test_topology_group_by_group_equals_all_pairs_masked() -> None:
+    """The entity level runs group by group; the loss and gradient equal those of every pair's cosines, masked."""
+    generator = torch.Generator().manual_seed(0)
+    s = torch.randn(40, 4, generator=generator, requires_grad=True)
+    t, groups = torch.randn(40, 6, generator=generator), torch.randint(0, 5, (40,), generator=generator)
+    groups[groups == 3] = 4  # one group empty
+    unit = lambda x: F.normalize(x, dim=1)  # noqa: E731 (an empty group's prototype is 0)
+    cos_s, cos_t = unit(s) @ unit(s).T, unit(t) @ unit(t).T
+    keep = (groups[:, None] == groups[None, :]) & (cos_t > 0) & ~torch.eye(40, dtype=torch.bool)
+    entity = ((cos_s - cos_t) ** 2 * keep).sum()
+    both = topology(s, t, groups, 5, "second")
+    members = F.one_hot(groups, 5).float()
+    proto_s = (members.T @ s.detach()) / members.sum(0).clamp(min=1)[:, None]
+    proto_t = (members.T @ t) / members.sum(0).clamp(min=1)[:, None]
+    group = ((unit(proto_s) @ unit(s).T - unit(proto_t) @ unit(t).T) ** 2 * (members.sum(0) > 0)[:, None]).sum()
+    torch.testing.assert_close(both, entity + group)
+    torch.testing.assert_close(torch.autograd.grad(both, s)[0], torch.autograd.grad(entity + group, s)[0])
+
+
 def test_htd_mixes_topology_and_alignment(ctx) -> None:  # noqa: F811
     """L_TD on users and items together, grouped by each side's selector (item groups after the users'),
     L_GA as DE's with every unique item weighing 1, each over the batch's rows."""

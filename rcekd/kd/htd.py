@@ -27,11 +27,17 @@ def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def topology(student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor, n_groups: int, choice: str) -> torch.Tensor:
-    """L_TD of one side's entities: student [N, d_S], teacher [N, d_T] vectors, groups [N] (a scalar)."""
-    cos_s, cos_t = cosines(student, student), cosines(teacher, teacher)  # [N, N]
-    same = groups[:, None] == groups[None, :]
-    keep = same & (cos_t > 0) & ~torch.eye(len(groups), dtype=torch.bool, device=groups.device)
-    entity = ((cos_s - cos_t).square() * keep).sum()
+    """L_TD of one side's entities: student [N, d_S], teacher [N, d_T] vectors, groups [N] (a scalar).
+    The entity level runs group by group: only same-group pairs count, so the [N, N] cosines are never
+    formed (Σ_g n_g² entries instead of N²: ~20× less work on CiteULike's batches, benchmarks/htd.py)."""
+    entity = student.new_zeros(())
+    order = torch.argsort(groups, stable=True)
+    counts = torch.bincount(groups, minlength=n_groups)
+    for members in torch.split(order, counts.tolist()):
+        if len(members) > 1:
+            cos_s, cos_t = cosines(student[members], student[members]), cosines(teacher[members], teacher[members])
+            keep = (cos_t > 0) & ~torch.eye(len(members), dtype=torch.bool, device=groups.device)
+            entity = entity + ((cos_s - cos_t).square() * keep).sum()
     members = F.one_hot(groups, n_groups).to(student.dtype)  # [N, G]
     sizes = members.sum(0)  # [G]
     present = (sizes > 0).to(student.dtype)  # groups with members in the batch

@@ -1,0 +1,78 @@
+"""HTD's topology loss (rcekd/kd/htd.py) at CiteULike's sizes: seconds per forward + backward of one
+training step's L_TD, against the dense form measured in this run (every entity pair's cosines, [N, N],
+masked to same-group pairs: how the loss reads, and how rcekd computed it before).
+
+rcekd's form runs the entity level group by group (Σ_g n_g² pairs instead of N²). Its gain depends on
+how the selectors spread a batch's entities over the 2 × 30 groups, so three spreads are timed: uniform,
+a skewed one (group sizes ∝ 1/rank) and a collapsed one (half the entities in one group). Both forms
+compute the same loss and gradient (checked here); the figures are medians of --repeats runs.
+
+Usage: python benchmarks/htd.py [--teacher-dim 200] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from rcekd.kd.htd import cosines, topology
+
+BATCH_USERS, BATCH_ITEMS, GROUPS, D_S = 1500, 3500, 30, 20
+
+
+def dense(student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """The entity level over all [N, N] pairs, masked; the group level as topology's (choice second)."""
+    cos_s, cos_t = cosines(student, student), cosines(teacher, teacher)
+    keep = (groups[:, None] == groups[None, :]) & (cos_t > 0) & ~torch.eye(len(groups), dtype=torch.bool)
+    entity = ((cos_s - cos_t).square() * keep).sum()
+    members = F.one_hot(groups, n_groups).to(student.dtype)
+    sizes = members.sum(0)
+    proto_s = (members.T @ student.detach()) / sizes.clamp(min=1)[:, None]
+    proto_t = (members.T @ teacher) / sizes.clamp(min=1)[:, None]
+    group = ((cosines(proto_s, student) - cosines(proto_t, teacher)).square() * (sizes > 0)[:, None]).sum()
+    return entity + group
+
+
+def seconds(step, repeats: int) -> float:
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher-dim", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    n, n_groups = BATCH_USERS + BATCH_ITEMS, 2 * GROUPS
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n} entities, {n_groups} groups, "
+          f"d_S {D_S}, d_T {args.teacher_dim}")
+    student, teacher = torch.randn(n, D_S, requires_grad=True), torch.randn(n, args.teacher_dim)
+    rank = torch.arange(1, n_groups + 1, dtype=torch.float32)
+    collapsed = torch.full((n_groups,), 0.5 / (n_groups - 1))
+    collapsed[0] = 0.5
+    for spread, weights in (("uniform", torch.ones(n_groups)), ("skewed 1/rank", 1 / rank), ("collapsed", collapsed)):
+        groups = torch.multinomial(weights, n, replacement=True)
+        grads = []
+        for form in (lambda: dense(student, teacher, groups, n_groups), lambda: topology(student, teacher, groups, n_groups, "second")):
+            student.grad = None
+            loss = form()
+            loss.backward()
+            grads.append((loss.detach(), student.grad.clone()))
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+        slow = seconds(lambda: dense(student, teacher, groups, n_groups).backward(), args.repeats)
+        fast = seconds(lambda: topology(student, teacher, groups, n_groups, "second").backward(), args.repeats)
+        print(f"{spread}: dense [N, N] {slow:.3f} s, group by group {fast:.3f} s per step ({slow / fast:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()
