@@ -1,8 +1,8 @@
 """HTD's topology loss (rcekd/kd/htd.py) at CiteULike's sizes: seconds per forward + backward of one
-training step's L_TD, against the dense form measured in this run (every entity pair's cosines, [N, N],
-masked to same-group pairs: how the loss reads, and how rcekd computed it before).
+training step's L_TD in the CPU's form, against the dense form measured in this run (every entity pair's
+cosines, [N, N], masked to same-group pairs: the form a GPU runs, and the CPU's before 2026-12-07).
 
-rcekd's form runs the entity level group by group (Σ_g n_g² pairs instead of N²). Its gain depends on
+The CPU's form runs the entity level group by group (Σ_g n_g² pairs instead of N²). Its gain depends on
 how the selectors spread a batch's entities over the 2 × 30 groups, so three spreads are timed: uniform,
 a skewed one (group sizes ∝ 1/rank) and a collapsed one (half the entities in one group). Both forms
 compute the same loss and gradient (checked here); the figures are medians of --repeats runs.
@@ -17,24 +17,16 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from rcekd.kd.htd import cosines, topology
+from rcekd.kd import htd
 
 BATCH_USERS, BATCH_ITEMS, GROUPS, D_S = 1500, 3500, 30, 20
 
 
-def dense(student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """The entity level over all [N, N] pairs, masked; the group level as topology's (choice second)."""
-    cos_s, cos_t = cosines(student, student), cosines(teacher, teacher)
-    keep = (groups[:, None] == groups[None, :]) & (cos_t > 0) & ~torch.eye(len(groups), dtype=torch.bool)
-    entity = ((cos_s - cos_t).square() * keep).sum()
-    members = F.one_hot(groups, n_groups).to(student.dtype)
-    sizes = members.sum(0)
-    proto_s = (members.T @ student.detach()) / sizes.clamp(min=1)[:, None]
-    proto_t = (members.T @ teacher) / sizes.clamp(min=1)[:, None]
-    group = ((cosines(proto_s, student) - cosines(proto_t, teacher)).square() * (sizes > 0)[:, None]).sum()
-    return entity + group
+def form(by_group: bool, student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """rcekd's L_TD (choice second) with its entity level group by group (the CPU's form) or over all pairs."""
+    htd.GROUP_BY_GROUP = {"cpu"} if by_group else set()
+    return htd.topology(student, teacher, groups, n_groups, "second")
 
 
 def seconds(step, repeats: int) -> float:
@@ -63,14 +55,14 @@ def main() -> None:
     for spread, weights in (("uniform", torch.ones(n_groups)), ("skewed 1/rank", 1 / rank), ("collapsed", collapsed)):
         groups = torch.multinomial(weights, n, replacement=True)
         grads = []
-        for form in (lambda: dense(student, teacher, groups, n_groups), lambda: topology(student, teacher, groups, n_groups, "second")):
+        for by_group in (False, True):
             student.grad = None
-            loss = form()
+            loss = form(by_group, student, teacher, groups, n_groups)
             loss.backward()
             grads.append((loss.detach(), student.grad.clone()))
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
-        slow = seconds(lambda: dense(student, teacher, groups, n_groups).backward(), args.repeats)
-        fast = seconds(lambda: topology(student, teacher, groups, n_groups, "second").backward(), args.repeats)
+        slow = seconds(lambda: form(False, student, teacher, groups, n_groups).backward(), args.repeats)
+        fast = seconds(lambda: form(True, student, teacher, groups, n_groups).backward(), args.repeats)
         print(f"{spread}: dense [N, N] {slow:.3f} s, group by group {fast:.3f} s per step ({slow / fast:.1f}x)")
 
 

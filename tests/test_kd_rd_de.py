@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from test_kd_mkd import ctx, batch, student  # noqa: F401 (the fixture)
 
 from rcekd.kd.de import DE, Experts
+from rcekd.kd import htd
 from rcekd.kd.htd import HTD, topology
 from rcekd.kd.rd import RD, estimated_ranks, rd_weights
 
@@ -94,8 +96,11 @@ def test_topology_by_hand() -> None:
     np.testing.assert_allclose(float(topology(s, t, groups, 3, "first")), entity + first, rtol=1e-5)
 
 
-def test_topology_group_by_group_equals_all_pairs_masked() -> None:
-    """The entity level runs group by group; the loss and gradient equal those of every pair's cosines, masked."""
+@pytest.mark.parametrize("by_group", [True, False], ids=["group by group (CPU)", "all pairs masked (GPU)"])
+def test_topology_forms_equal_the_masked_all_pairs_loss(monkeypatch, by_group: bool) -> None:
+    """Both forms of the entity level (group by group where the host is the device, every pair's cosines
+    masked elsewhere) give the loss and gradient computed here over every pair, masked."""
+    monkeypatch.setattr(htd, "GROUP_BY_GROUP", {"cpu"} if by_group else set())
     generator = torch.Generator().manual_seed(0)
     s = torch.randn(40, 4, generator=generator, requires_grad=True)
     t, groups = torch.randn(40, 6, generator=generator), torch.randint(0, 5, (40,), generator=generator)
