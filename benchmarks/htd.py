@@ -13,10 +13,9 @@ Usage: python benchmarks/htd.py [--teacher-dim 200] [--repeats 5]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from experts import seconds  # benchmarks/experts.py: the median of timed runs after a warm-up
 
 from rcekd.kd import htd
 
@@ -27,16 +26,6 @@ def form(by_group: bool, student: torch.Tensor, teacher: torch.Tensor, groups: t
     """rcekd's L_TD (choice second) with its entity level group by group (the CPU's form) or over all pairs."""
     htd.GROUP_BY_GROUP = {"cpu"} if by_group else set()
     return htd.topology(student, teacher, groups, n_groups, "second")
-
-
-def seconds(step, repeats: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
