@@ -6,7 +6,8 @@ The workspace is a folder holding the run's params.yaml and dvc.yaml and a link 
 data/raw; every command runs there (`python -m stages.cli`, this checkout's code), so its outputs
 land under the workspace's own data/ and artifacts/, never over DVC's outputs in the project. A stage
 counts as done once its command exited 0 (done.json): run again, the others run (training resumes from
-its saved state); a workspace made with other params.yaml or dvc.yaml is started afresh."""
+its saved state); a workspace made with another dvc.yaml, or params.yaml other than in the sections no
+stage reads (`records`, `tuning`: editing another record's settings keeps it), is started afresh."""
 
 from __future__ import annotations
 
@@ -77,14 +78,25 @@ def device_label(params: dict) -> str:
     return "direct:cpu"
 
 
+UNREAD = ("records", "tuning")  # params.yaml's sections that no stage of dvc.yaml reads
+
+
+def same_run(folder: Path, texts: dict[str, str]) -> bool:
+    """Whether the workspace's params.yaml and dvc.yaml are `texts` (params.yaml: outside UNREAD)."""
+    if any(not (folder / name).exists() for name in texts):
+        return False
+    read = {"params.yaml": lambda text: {k: v for k, v in (yaml.safe_load(text) or {}).items() if k not in UNREAD},
+            "dvc.yaml": lambda text: text}
+    return all(read[name]((folder / name).read_text()) == read[name](text) for name, text in texts.items())
+
+
 class Workspace:
     """A scratch folder where dvc.yaml's stages run as their own commands, with `params` as params.yaml."""
 
     def __init__(self, folder: Path, params: dict, dvc_yaml: Path = Path("dvc.yaml")):
         self.folder = folder
         texts = {"params.yaml": yaml.safe_dump(params, sort_keys=False), "dvc.yaml": dvc_yaml.read_text()}
-        if folder.exists() and any(not (folder / name).exists() or (folder / name).read_text() != text
-                                   for name, text in texts.items()):
+        if folder.exists() and not same_run(folder, texts):
             log(f"direct: {folder} was made with other params.yaml or dvc.yaml; starting it afresh")
             shutil.rmtree(folder)
         (folder / "logs").mkdir(parents=True, exist_ok=True)

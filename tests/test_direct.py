@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.direct import render, stage_commands
+from stages.direct import Workspace, render, stage_commands
 from tests.dvc_repo import make_repo
 
 
@@ -33,3 +33,22 @@ def test_a_reference_keeps_its_type_whole_and_is_text_inside_text() -> None:
     assert render("data/${dataset}/seed_${grid.seeds}", {**values, "grid": {"seeds": 4}}) == "data/citeulike/seed_4"
     with pytest.raises(KeyError, match=r"\$\{grid.teachers\} names nothing in params.yaml"):
         render("${grid.teachers}", values)
+
+
+def test_a_workspace_outlives_edits_of_the_sections_no_stage_reads(tmp_path: Path, monkeypatch) -> None:
+    """Its finished stages (done.json) and training states stay when only `records` or `tuning` change;
+    any other parameter starts it afresh."""
+    repo = make_repo(tmp_path / "repo", {}, users=50)
+    monkeypatch.chdir(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    folder = tmp_path / "work"
+    Workspace(folder, params)
+    (folder / "done.json").write_text('["preprocess"]')
+    (folder / "state.resume").write_text("kept")
+    params["records"] = {**params.get("records", {}), "another": {"set": {"train.lr": 0.5}}}
+    params.setdefault("tuning", {})["trials"] = 99
+    assert Workspace(folder, params).done == {"preprocess"}
+    assert (folder / "state.resume").read_text() == "kept"
+    params["train"]["lr"] *= 2
+    assert Workspace(folder, params).done == set()
+    assert not (folder / "state.resume").exists()
