@@ -28,7 +28,7 @@ def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # Devices on which L_TD's entity level runs group by group. On the CPU the host is the device: reading the
 # batch's group sizes costs nothing, and only the Σ_g n_g² same-group pairs are formed instead of all N²
-# (15-18x faster a step at CiteULike's sizes, benchmarks/htd.py). On a GPU every pair's [N, N] cosines are
+# (4.6-31x faster a step at CiteULike's sizes, benchmarks/htd.py). On a GPU every pair's [N, N] cosines are
 # formed and masked: no host sync in a step (that path is the one tests/test_sync_guard.py checks).
 GROUP_BY_GROUP = {"cpu"}
 
