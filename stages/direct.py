@@ -26,6 +26,7 @@ import yaml
 
 from rcekd.io import read_json, write_json
 from stages.common import log
+from stages.worker import threads_per_job
 
 REFERENCE = re.compile(r"\$\{\s*([^}\s]+)\s*\}")
 ROOT = Path(__file__).resolve().parents[1]  # the checkout whose stages and rcekd the commands run
@@ -122,7 +123,7 @@ class Workspace:
         as soon as a chain's last stage is done. Returns the chains that failed (their logs named above)."""
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                "PYTHONUNBUFFERED": "1"}
-        env["RCEKD_THREADS"] = str(max((os.cpu_count() or 1) // jobs, 1))  # as rcekd run-queue gives its workers
+        env["RCEKD_THREADS"] = str(threads_per_job(jobs))  # as rcekd run-queue gives its workers
         waiting, running, failed = list(chains), {}, []
 
         def start(name: str) -> None:

@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 import typer
 
 from stages.common import RESUME_DIR, log
+from stages.worker import threads_per_job
 
 
 STATES = ("Queued", "Running", "Success", "Failed")
@@ -176,11 +177,11 @@ def run_workers(jobs: int, env: dict, every: float = 60.0) -> int:
 
 def main(
     jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="Queue workers (experiments at once)."),
-    threads: int = typer.Option(0, min=0, help="torch threads per worker; 0 = the cores divided among the workers."),
+    threads: int = typer.Option(0, min=0, help="torch threads per worker; 0 = the usable cores (CPU affinity) divided among the workers."),
     gpus: str = typer.Option("", help="GPU ids the workers share, one per running stage (e.g. 0,1,2,3); empty = none."),
 ) -> None:
     """Run the queued experiments (`dvc exp run --queue ...`) with JOBS workers of THREADS threads each."""
-    threads = threads or max((os.cpu_count() or 1) // jobs, 1)
+    threads = threads or threads_per_job(jobs)
     # Each experiment runs in a fresh copy of the repository: its training state is kept outside it, so that
     # an experiment queued again (after a killed run or session) resumes instead of starting over.
     env = {**os.environ, "RCEKD_THREADS": str(threads), RESUME_DIR: os.environ.get(RESUME_DIR) or str(Path(".resume").resolve())}

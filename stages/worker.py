@@ -26,6 +26,13 @@ from typing import IO
 _held: list[IO] = []  # the lease's open lock file: it lives as long as the process
 
 
+def threads_per_job(jobs: int) -> int:
+    """torch threads for each of `jobs` concurrent stages: the cores this process may use (its CPU affinity,
+    so `taskset -c 1 rcekd ...` counts one core, not the machine's) divided among them, at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(cores // jobs, 1)
+
+
 def apply_threads() -> int | None:
     """Set torch's intra-op threads from RCEKD_THREADS; returns the number set (None: unset)."""
     value = os.environ.get("RCEKD_THREADS", "").strip()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.worker import apply_threads, lease_gpu
+from stages.worker import apply_threads, lease_gpu, threads_per_job
 
 ROOT = Path(__file__).resolve().parents[1]
 LEASE = "from stages.worker import lease_gpu; import os, sys, time; print(lease_gpu(poll_seconds=0.1), os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(float(sys.argv[1]))"
@@ -30,6 +30,14 @@ def test_threads_from_the_environment(monkeypatch) -> None:
             apply_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_threads_per_job_divide_the_usable_cores_not_the_machines(monkeypatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1}, raising=False)  # as under `taskset -c 1`
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert threads_per_job(1) == 1 and threads_per_job(2) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert [threads_per_job(jobs) for jobs in (1, 2, 3, 8, 9)] == [8, 4, 2, 1, 1]
 
 
 def lease_process(lock_dir: Path, hold_seconds: float) -> subprocess.Popen:
