@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stages.worker import threads_per_job
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.65
 
@@ -79,7 +81,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="keep the clones here (default: a temporary directory)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    cores = os.cpu_count() or 1
+    cores = threads_per_job(1)  # the cores this process may use
     work = args.work or Path(tempfile.mkdtemp(prefix="rcekd-parallel-"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -101,7 +103,7 @@ def main() -> None:
         clone = work / f"workers-{jobs}"
         shutil.rmtree(clone, ignore_errors=True)
         shutil.copytree(base, clone, symlinks=True)
-        threads = max(cores // jobs, 1)
+        threads = threads_per_job(jobs)
         seconds, results = arm(clone, jobs, threads, seeds, {**env, "PYTHONPATH": str(clone)})
         figures[jobs] = seconds
         print(f"  {jobs} worker(s) x {threads} thread(s): {seconds:.0f} s  {json.dumps(dict(sorted(results.items())))}", flush=True)
