@@ -55,6 +55,26 @@ def test_a_record_of_other_students_sets_each_methods_student_weight_decay(name:
     assert not other, f"records.{name}: {other} differ from the {student} student's own weight decay {own}"
 
 
+@pytest.mark.parametrize("name", sorted(PARAMS["records"]))
+def test_a_record_that_sets_a_methods_value_sets_it_for_its_variants_too(name: str) -> None:
+    """A record that sets kd.X.key (a searched value) and also runs a variant of X (an ablation) must give the
+    variant the same value: the variant is read on its own, so it would otherwise run with X's old value."""
+    settings = PARAMS["records"][name]["set"]
+    methods = settings.get("grid.methods", PARAMS["grid"]["methods"])
+    stale = {}
+    for key, value in settings.items():
+        parts = key.split(".")
+        if parts[0] != "kd" or len(parts) != 3:
+            continue
+        _, base, field = parts
+        for variant in methods:
+            if variant != base and KD[variant].get("method") == base:
+                held = settings.get(f"kd.{variant}.{field}", KD[variant].get(field, KD[base].get(field)))
+                if held != value:
+                    stale[f"kd.{variant}.{field}"] = (held, value)
+    assert not stale, f"records.{name} sets a method's value its variants do not take (theirs, the method's): {stale}"
+
+
 SPACES = PARAMS["tuning"]["spaces"]
 
 
