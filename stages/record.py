@@ -27,11 +27,13 @@ Every file is written whole or not at all, and a cell counts as in only once rec
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -73,6 +75,14 @@ def read(params: dict) -> dict:
                      "teachers": {t: params["backbones"].get(t, {}).get("teacher") for t in grid["teachers"]},
                      "students": {s: params["backbones"].get(s, {}).get("student") for s in grid["students"]},
                      "kd": {m: params["kd"].get(m) for m in grid["methods"]}}
+
+
+def training_seconds(timing: Path) -> float:
+    """A run's training time from its timing.csv: its median epoch times its epochs (an epoch stretched by a
+    pause, as when the machine is shared, does not count)."""
+    with timing.open(newline="") as handle:
+        epochs = [float(row["epoch_seconds"]) for row in csv.DictReader(handle)]
+    return statistics.median(epochs) * len(epochs) if epochs else 0.0
 
 
 def differences(old: object, new: object, where: str = "") -> list[str]:
@@ -117,7 +127,7 @@ class Record:
     def __init__(self, folder: Path, name: str, settings: dict, params: dict):
         self.folder = folder
         self.path = folder / "record.json"
-        self.total: int | None = None  # the cells this run makes (start)
+        self.cells: list[str] | None = None  # the cells this run makes (start)
         self.meta = read_json(self.path) if self.path.exists() else {}
         if self.meta and self.meta.get("set") != settings:
             raise ParamsError(f"{self.path}: a record of other settings ({self.meta.get('set')}); records.{name}.set is now "
@@ -144,17 +154,29 @@ class Record:
         log(f"record {self.meta['name']}: cell {cell} in ({files} files from {entry['experiment']}); "
             f"{len(self.meta['cells'])}{self.progress()} cells in {self.folder}")
 
-    def start(self, total: int) -> None:
-        """This run makes the record's `total` cells, some of them already in: the pace of `progress` starts now."""
-        self.total, self.at_start, self.started = total, len(self.meta["cells"]), time.monotonic()
+    def start(self, cells: list[str], jobs: int) -> None:
+        """This run makes the record's `cells` ('s<seed>-<method>'), some of them already in, `jobs` at once."""
+        self.cells, self.jobs = cells, jobs
 
     def progress(self) -> str:
-        """' of N' and, once this run has landed a cell, the time left at its pace so far."""
-        if self.total is None:
+        """' of N' and the training left: each cell not yet in at the mean training time of its method's cells
+        in the folder (their timing.csv), shared by the workers; methods with no cell in yet are named apart."""
+        if self.cells is None:
             return ""
-        done, landed = len(self.meta["cells"]), len(self.meta["cells"]) - self.at_start
-        left = (time.monotonic() - self.started) / landed * (self.total - done) if landed > 0 else None
-        return f" of {self.total}" + (f" (about {left / 3600:.1f} h left at this run's pace)" if left is not None else "")
+        runs: dict[tuple[str, str], float] = {}  # (method, seed) → seconds, over the record's teacher/student pairs
+        for timing in self.folder.glob("artifacts/*/*_to_*/*/seed_*/timing.csv"):
+            key = (timing.parent.parent.name, timing.parent.name)
+            runs[key] = runs.get(key, 0.0) + training_seconds(timing)
+        pace: dict[str, list[float]] = {}
+        for (method, _), seconds in runs.items():
+            pace.setdefault(method, []).append(seconds)
+        left = [cell.split("-", 1)[1] for cell in self.cells if cell not in self.meta["cells"]]
+        if not left:
+            return f" of {len(self.cells)}"
+        hours = sum(statistics.fmean(pace[method]) for method in left if method in pace) / self.jobs / 3600
+        untimed = sorted({method for method in left if method not in pace})
+        return (f" of {len(self.cells)} (about {hours:.1f} h of training left for the {len(left) - sum(m in untimed for m in left)} "
+                f"cells of timed methods, at {self.jobs} at once" + (f"; not yet timed: {', '.join(untimed)})" if untimed else ")"))
 
     def copy(self, fs: Source, cell: str, *, keep: tuple[str, ...] = (), overwrite: tuple[str, ...] = ()) -> int:
         """Copy a run's dvc.lock, when it has one (to locks/<cell>.lock; the teachers' only the first time), and
@@ -248,7 +270,7 @@ def main(
     prefix = f"record-{name}-{stamp()}"
     cells = [(seed, method) for seed in lists["seeds"] for method in lists["methods"]]
     todo = [cell for cell in cells if f"s{cell[0]}-{cell[1]}" not in record.meta["cells"]]
-    record.start(len(cells))
+    record.start([f"s{seed}-{method}" for seed, method in cells], jobs)
     log(f"record {name}: {len(cells)} cells ({len(lists['seeds'])} seeds x {len(lists['methods'])} methods), "
         f"{len(cells) - len(todo)} already in {out}; {jobs} {'direct runs' if direct else 'workers'} ({settings})")
 
