@@ -36,7 +36,6 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Protocol
 
@@ -173,9 +172,10 @@ class Record:
         left = [cell.split("-", 1)[1] for cell in self.cells if cell not in self.meta["cells"]]
         if not left:
             return f" of {len(self.cells)}"
-        hours = sum(statistics.fmean(pace[method]) for method in left if method in pace) / self.jobs / 3600
-        untimed = sorted({method for method in left if method not in pace})
-        return (f" of {len(self.cells)} (about {hours:.1f} h of training left for the {len(left) - sum(m in untimed for m in left)} "
+        timed = [method for method in left if method in pace]
+        hours = sum(statistics.fmean(pace[method]) for method in timed) / self.jobs / 3600
+        untimed = sorted(set(left) - set(timed))
+        return (f" of {len(self.cells)} (about {hours:.1f} h of training left for the {len(timed)} "
                 f"cells of timed methods, at {self.jobs} at once" + (f"; not yet timed: {', '.join(untimed)})" if untimed else ")"))
 
     def copy(self, fs: Source, cell: str, *, keep: tuple[str, ...] = (), overwrite: tuple[str, ...] = ()) -> int:
